@@ -1,0 +1,75 @@
+"""Every error shmcache raises on purpose.
+
+Each one subclasses ``ShmCacheError`` *and* the builtin a caller would naturally catch
+(the way filelock's ``Timeout`` is a ``TimeoutError``), so ``except FileNotFoundError``
+and ``except ShmCacheError`` both work.
+"""
+
+from __future__ import annotations
+
+
+class ShmCacheError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class InvalidArgument(ShmCacheError, ValueError):
+    """An argument has the right type but a value we refuse (empty token, bad TTL...)."""
+
+
+class InvalidType(ShmCacheError, TypeError):
+    """An argument has the wrong type (a token that is not a ``str``...)."""
+
+
+class SegmentExists(ShmCacheError, FileExistsError):
+    """``create`` found the segment's or the semaphore's name already taken."""
+
+
+class SegmentNotFound(ShmCacheError, FileNotFoundError):
+    """``attach`` found no segment (or no semaphore) by that name."""
+
+
+class SegmentPermissionError(ShmCacheError, PermissionError):
+    """The segment exists but we may not open it, or must not trust it.
+
+    Raised for a segment owned by another user or writable by group/others: /dev/shm is
+    world-writable, so anyone can create a name before the server does (a squat).
+    """
+
+
+class IncompatibleSegment(ShmCacheError):
+    """The bytes behind the name are not a shmcache segment we can use.
+
+    Wrong magic, another layout version, a size that does not match the header, a header
+    that is not fully initialised, or a segment made in another pid namespace.
+    """
+
+
+class SegmentCorrupted(ShmCacheError):
+    """A write found the segment damaged; ``check()`` says where."""
+
+
+class NoSpace(ShmCacheError, OSError):
+    """/dev/shm could not reserve the segment's memory (``posix_fallocate`` failed)."""
+
+
+class LockTimeout(ShmCacheError, TimeoutError):
+    """A live process has held the segment lock for longer than ``lock_timeout``."""
+
+
+class CacheClosed(ShmCacheError, ValueError):
+    """The cache object was closed in this process (like I/O on a closed file)."""
+
+
+__all__ = [
+    "CacheClosed",
+    "IncompatibleSegment",
+    "InvalidArgument",
+    "InvalidType",
+    "LockTimeout",
+    "NoSpace",
+    "SegmentCorrupted",
+    "SegmentExists",
+    "SegmentNotFound",
+    "SegmentPermissionError",
+    "ShmCacheError",
+]

@@ -1,0 +1,218 @@
+"""The binary format of a shmcache segment: the only module that knows where bytes go.
+
+A segment is one header page followed by four slot arrays ("structure of arrays": the tags
+are contiguous, so one ``find`` call in C scans a whole probe window)::
+
+    offset 0      +------------------------------------------------------------+
+                  | header (HEADER_SIZE = 4096 bytes)                          |
+                  |   0  magic  b"SHMCACHE"          8  layout version (u32)   |
+                  |  12  header size (u32)          16  capacity (u64)         |
+                  |  24  home slots N (u64)         32  probe window W (u32)   |
+                  |  36  value size (u32)           40  total size (u64)       |
+                  |  48  tag seed (u64, secret)     56  check seed (u64)       |
+                  |  64  creator pid (u64)          72  creator uid (u64)      |
+                  |  80  created, unix time (f64)   88  pid namespace inode    |
+                  | 128.. mutable words, one aligned 8-byte store each:        |
+                  |  128 lock owner  136 lock generation  144 journal          |
+                  |  152 evictions   160 lock recoveries  168 oversize values  |
+                  |  176 clears      184 retired hits     192 retired misses   |
+                  | 512.. PROCESS_RECORDS records of (owner, hits, misses, 0)  |
+    TAGS          +------------------------------------------------------------+
+                  | P = N + W - 1 tags, 16 bytes each (keyed xxh3-128 of the   |
+                  | token; all zero = empty slot)                              |
+    CHECKS        | P checks, u64: keyed xxh3-64 of tag|meta|value; 0 = invalid|
+    METAS         | P metas, u64: expiry in ms << 20 | 20-bit write nonce      |
+    VALUES        | P value areas of VALUE_STRIDE bytes: u32 length + bytes    |
+                  | (only when value size > 0)                                 |
+                  +------------------------------------------------------------+
+
+Byte order is little-endian throughout. The immutable header is packed with ``struct``;
+the mutable words and the check/meta arrays are read and written through a native ``'Q'``
+memoryview, because CPython copies an aligned item of such a view with one 8-byte load or
+store (``struct`` writes byte by byte): a concurrent reader never sees half of a word. That
+is why shmcache refuses big-endian hosts instead of byte-swapping.
+
+A key with home slot ``h`` lives somewhere in ``[h, h + W)``. The ``W - 1`` slots after the
+last home slot are overflow, so a window never wraps: it is one contiguous byte range.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import sys
+from dataclasses import dataclass
+
+from ._errors import IncompatibleSegment, InvalidArgument
+
+MAGIC = b"SHMCACHE"
+LAYOUT_VERSION = 1
+HEADER_SIZE = 4096
+
+# Sizing: at most 2/3 of the home slots are live at capacity, and a key may sit at most
+# W - 1 slots past its home. Simulated (bench/ and tests/test_sizing.py): filling to
+# capacity evicts nothing at these figures; see README "Capacity and evictions".
+MAX_LOAD_NUM, MAX_LOAD_DEN = 2, 3
+MAX_WINDOW = 96
+MAX_CAPACITY = 1 << 31
+MAX_VALUE_SIZE = 1 << 20
+
+TAG_SIZE = 16
+EXPIRY_BITS = 44
+NONCE_BITS = 20
+NONCE_MASK = (1 << NONCE_BITS) - 1
+MAX_EXPIRY_MS = (1 << EXPIRY_BITS) - 1
+NO_VALUE = 0xFFFFFFFF  # value length of a slot that holds no value (hash-only entry)
+U64 = (1 << 64) - 1
+
+ZERO_TAG = bytes(TAG_SIZE)
+
+# Immutable header, packed once at creation.
+HEADER = struct.Struct("<8sIIQQIIQQQQQdQ")
+assert HEADER.size == 96
+
+# Mutable header words, as indexes into the segment viewed as u64 words.
+W_OWNER = 128 // 8
+W_GEN = 136 // 8
+W_JOURNAL = 144 // 8
+W_EVICTIONS = 152 // 8
+W_RECOVERIES = 160 // 8
+W_OVERSIZE = 168 // 8
+W_CLEARS = 176 // 8
+W_RETIRED_HITS = 184 // 8
+W_RETIRED_MISSES = 192 // 8
+
+# Journal: what the lock holder is modifying, so a recovery knows what to verify.
+OP_NONE, OP_SLOT, OP_CLEAR = 0, 1, 2
+JOURNAL_SLOT_MASK = (1 << 56) - 1
+
+# Per-process hit/miss records: 4 words each (owner word, hits, misses, spare).
+PROCESS_RECORDS_OFFSET = 512
+PROCESS_RECORDS = (HEADER_SIZE - PROCESS_RECORDS_OFFSET) // 32
+
+
+def host_supported() -> bool:
+    """Native ``'Q'`` views are the documented little-endian words only on such hosts."""
+    return sys.byteorder == "little"
+
+
+def _round8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where everything is, computed from (capacity, value size) alone."""
+
+    capacity: int
+    nslots: int
+    window: int
+    value_size: int
+
+    @classmethod
+    def for_capacity(cls, capacity: int, value_size: int = 0) -> Geometry:
+        if isinstance(capacity, bool) or not isinstance(capacity, int):
+            raise InvalidArgument(f"capacity must be an int, got {capacity!r}")
+        if not 1 <= capacity <= MAX_CAPACITY:
+            raise InvalidArgument(f"capacity must be between 1 and {MAX_CAPACITY}, got {capacity}")
+        if isinstance(value_size, bool) or not isinstance(value_size, int):
+            raise InvalidArgument(f"value_size must be an int, got {value_size!r}")
+        if not 0 <= value_size <= MAX_VALUE_SIZE:
+            raise InvalidArgument(
+                f"value_size must be between 0 and {MAX_VALUE_SIZE}, got {value_size}"
+            )
+        nslots = max(2, math.ceil(capacity * MAX_LOAD_DEN / MAX_LOAD_NUM))
+        return cls(capacity, nslots, min(MAX_WINDOW, nslots), value_size)
+
+    @property
+    def physical_slots(self) -> int:
+        return self.nslots + self.window - 1
+
+    @property
+    def value_stride(self) -> int:
+        return _round8(4 + self.value_size) if self.value_size else 0
+
+    @property
+    def tags_offset(self) -> int:
+        return HEADER_SIZE
+
+    @property
+    def checks_offset(self) -> int:
+        return self.tags_offset + TAG_SIZE * self.physical_slots
+
+    @property
+    def metas_offset(self) -> int:
+        return self.checks_offset + 8 * self.physical_slots
+
+    @property
+    def values_offset(self) -> int:
+        return self.metas_offset + 8 * self.physical_slots
+
+    @property
+    def size(self) -> int:
+        return self.values_offset + self.value_stride * self.physical_slots
+
+    def pack_header(
+        self, *, tag_seed: int, check_seed: int, pid: int, uid: int, created: float, pidns: int
+    ) -> bytes:
+        return HEADER.pack(
+            MAGIC, LAYOUT_VERSION, HEADER_SIZE, self.capacity, self.nslots, self.window,
+            self.value_size, self.size, tag_seed, check_seed, pid, uid, created, pidns,
+        )
+
+
+@dataclass(frozen=True)
+class HeaderInfo:
+    """The immutable header fields of a segment, validated."""
+
+    geometry: Geometry
+    tag_seed: int
+    check_seed: int
+    creator_pid: int
+    creator_uid: int
+    created: float
+    pidns: int
+
+
+def read_header(buf: bytes | bytearray | memoryview, actual_size: int) -> HeaderInfo:
+    """Parse and validate the header; raise ``IncompatibleSegment`` saying what is wrong.
+
+    Every number that later bounds an offset is checked here, once, against the size the
+    kernel reports for the segment: nothing read from shared memory afterwards can move a
+    probe outside the mapping.
+    """
+    if actual_size < HEADER_SIZE:
+        raise IncompatibleSegment(
+            f"segment is {actual_size} bytes, smaller than a shmcache header ({HEADER_SIZE})"
+        )
+    (magic, version, header_size, capacity, nslots, window, value_size, size, tag_seed,
+     check_seed, pid, uid, created, pidns) = HEADER.unpack_from(buf, 0)
+    if magic != MAGIC:
+        if magic == bytes(8):
+            raise IncompatibleSegment(
+                "segment header is not initialised (its creator is still writing it, "
+                "or died doing so)"
+            )
+        raise IncompatibleSegment(f"not a shmcache segment (magic {magic!r})")
+    if version != LAYOUT_VERSION:
+        raise IncompatibleSegment(
+            f"segment has layout version {version}; this shmcache reads version "
+            f"{LAYOUT_VERSION} only (recreate the segment)"
+        )
+    if header_size != HEADER_SIZE:
+        raise IncompatibleSegment(f"header size {header_size}, expected {HEADER_SIZE}")
+    try:
+        geo = Geometry.for_capacity(capacity, value_size)
+    except InvalidArgument as exc:
+        raise IncompatibleSegment(f"bad geometry in header: {exc}") from None
+    if (geo.nslots, geo.window) != (nslots, window):
+        raise IncompatibleSegment(
+            f"header geometry (slots {nslots}, window {window}) does not match capacity "
+            f"{capacity} (expected slots {geo.nslots}, window {geo.window})"
+        )
+    if size != geo.size or actual_size != geo.size:
+        raise IncompatibleSegment(
+            f"segment size mismatch: header says {size}, layout needs {geo.size}, "
+            f"segment is {actual_size} bytes"
+        )
+    return HeaderInfo(geo, tag_seed, check_seed, pid, uid, created, pidns)

@@ -1,0 +1,220 @@
+"""The OS layer: a named POSIX shared-memory segment and its semaphore.
+
+Knows names, permissions, owners and sizes; knows nothing of sessions or of the table.
+The segment is ``/dev/shm/NAME`` and the semaphore ``/dev/shm/sem.NAME`` (glibc's naming),
+so an admin finds both with ``ls /dev/shm``.
+
+We use posix_ipc and not ``multiprocessing.shared_memory``: before Python 3.13 every process
+that attaches to the latter registers the segment with its resource tracker, which unlinks
+it when that process exits (an admin command that looked at a live segment deleted it).
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import re
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import posix_ipc
+
+from ._errors import (
+    IncompatibleSegment,
+    InvalidArgument,
+    NoSpace,
+    SegmentExists,
+    SegmentNotFound,
+    SegmentPermissionError,
+)
+from ._layout import HEADER_SIZE
+
+SHM_DIR = "/dev/shm"
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,200}")
+
+
+def normalize_name(name: str) -> str:
+    """``"myapp"`` or ``"/myapp"`` -> ``"myapp"``; refuse what cannot be a portable name."""
+    if not isinstance(name, str):
+        raise InvalidArgument(f"segment name must be a str, got {type(name).__name__}")
+    bare = name[1:] if name.startswith("/") else name
+    if not _NAME_RE.fullmatch(bare) or bare in (".", ".."):
+        raise InvalidArgument(
+            f"bad segment name {name!r}: use 1-200 characters from A-Z a-z 0-9 _ . - "
+            "(a leading slash is optional)"
+        )
+    return bare
+
+
+def segment_path(name: str) -> str:
+    return os.path.join(SHM_DIR, name)
+
+
+def semaphore_path(name: str) -> str:
+    return os.path.join(SHM_DIR, "sem." + name)
+
+
+@dataclass
+class Segment:
+    """An open segment: the mapping, the fd (kept for fstat and record locks) and the lock."""
+
+    name: str
+    shm: Any
+    sem: Any
+    mm: mmap.mmap
+    inode: int
+
+    @property
+    def fd(self) -> int:
+        return int(self.shm.fd)
+
+    def close(self) -> None:
+        self.mm.close()
+        self.shm.close_fd()
+        self.sem.close()
+
+    def unlink(self) -> None:
+        """Remove both names, but only while they still name *this* segment: after a binary
+        upgrade a new master may own a fresh segment under the same name."""
+        try:
+            same = os.stat(segment_path(self.name)).st_ino == self.inode
+        except OSError:
+            same = os.path.isdir(SHM_DIR) is False  # no /dev/shm to look at: trust the name
+        if same:
+            _ignore_missing(posix_ipc.unlink_shared_memory, "/" + self.name)
+            _ignore_missing(posix_ipc.unlink_semaphore, "/" + self.name)
+
+
+def _ignore_missing(fn: Callable[[str], None], name: str) -> None:
+    try:
+        fn(name)
+    except posix_ipc.ExistentialError:
+        pass
+
+
+def create(name: str, size: int, mode: int, init: Callable[[mmap.mmap], None]) -> Segment:
+    """Create both names exclusively, reserve the memory, run ``init``, then open the lock.
+
+    The semaphore is created at 0, so nobody can take the lock before ``init`` has written
+    the header (and ``init`` writes the magic last, so nobody can attach before that).
+    """
+    pname = "/" + name
+    try:
+        shm = posix_ipc.SharedMemory(pname, posix_ipc.O_CREX, mode=mode, size=0)
+    except posix_ipc.ExistentialError:
+        raise SegmentExists(f"shared memory segment {segment_path(name)} already exists") from None
+    except posix_ipc.PermissionsError as exc:
+        raise SegmentPermissionError(f"cannot create {segment_path(name)}: {exc}") from None
+    sem = None
+    try:
+        os.fchmod(shm.fd, mode)  # the umask may only have narrowed it; make it exact
+        os.ftruncate(shm.fd, size)
+        _reserve(shm.fd, size, name)
+        mm = mmap.mmap(shm.fd, size)
+        try:
+            sem = posix_ipc.Semaphore(pname, posix_ipc.O_CREX, mode=mode, initial_value=0)
+        except posix_ipc.ExistentialError:
+            raise SegmentExists(
+                f"semaphore {semaphore_path(name)} already exists (left by a crash? "
+                f"`shmcache unlink {name}` removes it)"
+            ) from None
+        if os.path.exists(semaphore_path(name)):
+            os.chmod(semaphore_path(name), mode)
+        init(mm)
+        sem.release()
+        inode = os.fstat(shm.fd).st_ino
+    except BaseException:
+        posix_ipc.unlink_shared_memory(pname)
+        if sem is not None:
+            sem.unlink()
+            sem.close()
+        shm.close_fd()
+        raise
+    return Segment(name, shm, sem, mm, inode)
+
+
+def _reserve(fd: int, size: int, name: str) -> None:
+    """Allocate every page now: a sparse segment on a full tmpfs gets SIGBUS on first touch,
+    possibly hours later (Docker's default /dev/shm is 64 MB). PostgreSQL does the same."""
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is None:
+        return
+    try:
+        fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
+            raise NoSpace(
+                exc.errno,
+                f"not enough shared memory for {name!r}: {size} bytes needed in {SHM_DIR} "
+                f"({os.strerror(exc.errno)}); free some, or give the container a larger "
+                "--shm-size",
+            ) from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+
+
+def attach(name: str, *, owner_uid: int | None, allow_writable_by_others: bool) -> Segment:
+    """Open an existing segment and semaphore, refusing ones we must not trust."""
+    pname = "/" + name
+    try:
+        shm = posix_ipc.SharedMemory(pname)
+    except posix_ipc.ExistentialError:
+        raise SegmentNotFound(f"no shmcache segment named {name!r} ({segment_path(name)})") from None
+    except posix_ipc.PermissionsError:
+        raise SegmentPermissionError(
+            f"no permission to open {segment_path(name)} (it belongs to another user?)"
+        ) from None
+    try:
+        st = os.fstat(shm.fd)
+        _check_trust(st, segment_path(name), owner_uid, allow_writable_by_others)
+        if st.st_size < HEADER_SIZE:
+            raise IncompatibleSegment(
+                f"segment {name!r} is {st.st_size} bytes: too small to be a shmcache segment"
+            )
+        try:
+            sem_st: os.stat_result | None = os.stat(semaphore_path(name))
+        except OSError:
+            sem_st = None  # no /dev/shm/sem.* files on this platform
+        if sem_st is not None:
+            # Checked by path, then opened by name: /dev/shm is sticky, so once the name is
+            # ours (as checked) nobody else can rename or replace it in between.
+            _check_trust(sem_st, semaphore_path(name), owner_uid, allow_writable_by_others)
+        try:
+            sem = posix_ipc.Semaphore(pname)
+        except posix_ipc.ExistentialError:
+            raise SegmentNotFound(
+                f"segment {name!r} exists but its semaphore {semaphore_path(name)} does not"
+            ) from None
+        except posix_ipc.PermissionsError:
+            raise SegmentPermissionError(
+                f"no permission to open semaphore {semaphore_path(name)}"
+            ) from None
+    except BaseException:
+        shm.close_fd()
+        raise
+    try:
+        mm = mmap.mmap(shm.fd, st.st_size)
+    except BaseException:
+        sem.close()
+        shm.close_fd()
+        raise
+    return Segment(name, shm, sem, mm, st.st_ino)
+
+
+def _check_trust(
+    st: os.stat_result, path: str, owner_uid: int | None, allow_writable_by_others: bool
+) -> None:
+    expected = os.geteuid() if owner_uid is None else owner_uid
+    if st.st_uid != expected:
+        raise SegmentPermissionError(
+            f"refusing {path}: owned by uid {st.st_uid}, expected uid {expected} "
+            "(pass owner_uid= to trust another owner)"
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not allow_writable_by_others:
+        raise SegmentPermissionError(
+            f"refusing {path}: mode {stat.S_IMODE(st.st_mode):o} lets group or others write "
+            "it (pass allow_writable_by_others=True to accept)"
+        )

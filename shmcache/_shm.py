@@ -1,0 +1,540 @@
+"""``SharedMemorySessionCache``: the seed's ``SessionCache`` on a shared-memory table.
+
+Read path (``get``), the hot path of every authenticated request, takes no lock and does no
+hashing when the token is known to this process: each process keeps a map
+``token -> (session, slot's check word, check, expiry)`` of the sessions it set or decoded,
+and trusts an entry only while the slot's check word in shared memory still holds the value
+it had then. Any later write to that slot by any process (a set of the same token, an
+invalidate, a clear, an eviction, a reclaim) changes the word, so the entry is dropped: no
+process returns a session older than the latest set, and a logout is seen everywhere as
+soon as ``invalidate`` returns. The check word is one aligned 8-byte load.
+
+Writes take the segment lock (``_lock``), which survives the death of its holder.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import time
+import weakref
+from collections.abc import Callable
+from numbers import Real
+from types import TracebackType
+from typing import Any
+
+from . import _proc, _segment
+from ._errors import (
+    CacheClosed,
+    IncompatibleSegment,
+    InvalidArgument,
+    InvalidType,
+    LockTimeout,
+    ShmCacheError,
+)
+from ._layout import (
+    MAX_EXPIRY_MS,
+    OP_CLEAR,
+    OP_NONE,
+    OP_SLOT,
+    U64,
+    W_CLEARS,
+    W_EVICTIONS,
+    W_OVERSIZE,
+    W_RECOVERIES,
+    Geometry,
+    HeaderInfo,
+    host_supported,
+    read_header,
+)
+from ._lock import SegmentLock
+from ._table import Table, make_meta
+from .codecs import Codec, PickleCodec
+
+Clock = Callable[[], float]
+_PURGE_CHUNK = 4096  # slots reclaimed per lock hold, so purge never stalls writers long
+
+_instances: weakref.WeakSet[SharedMemorySessionCache] = weakref.WeakSet()
+
+
+def _reset_counters_after_fork() -> None:
+    for cache in list(_instances):
+        cache._hits = cache._misses = 0
+
+
+os.register_at_fork(after_in_child=_reset_counters_after_fork)
+
+
+def _token_bytes(token: str) -> bytes:
+    # surrogatepass: any str hashes, even one with lone surrogates (get must never raise).
+    return token.encode("utf-8", "surrogatepass")
+
+
+def _ttl(ttl_seconds: object) -> float:
+    if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, Real):
+        raise InvalidArgument(f"ttl_seconds must be a finite positive number, got {ttl_seconds!r}")
+    ttl = float(ttl_seconds)
+    if not (math.isfinite(ttl) and ttl > 0):
+        raise InvalidArgument(f"ttl_seconds must be a finite positive number, got {ttl_seconds!r}")
+    return ttl
+
+
+class SharedMemorySessionCache:
+    """A ``SessionCache`` whose entries every process on the host shares.
+
+    Make one with :meth:`create` (once, in the process that owns the segment, e.g. the
+    gunicorn master before it forks) or :meth:`attach` (by name, anywhere else).
+
+    Two modes, chosen at creation:
+
+    * ``value_size == 0`` (default): shared memory holds only keyed token hashes and expiry
+      times. Each process keeps the session objects it set; ``get`` returns one only while
+      the shared table says the token is still valid and unchanged since. A token set in
+      another process is a miss here (the caller validates it and calls ``set``).
+    * ``value_size > 0``: the encoded session (``codec``, pickle by default) is stored too,
+      so a session set in one process is a hit in all. A session whose encoding is longer
+      than ``value_size`` is stored without its value: it stays a hit in the process that
+      set it, is a miss elsewhere, and is counted in ``stats()["oversize"]``.
+
+    ``stats()`` reports segment-wide figures, except ``hits`` and ``misses``, which are this
+    process's own (sharing them would put a shared write on every ``get``).
+    """
+
+    def __init__(
+        self,
+        segment: _segment.Segment,
+        info: HeaderInfo,
+        *,
+        codec: Codec | None,
+        clock: Clock | None,
+        lock_timeout: float,
+        attach_options: dict[str, Any],
+    ) -> None:
+        geo = info.geometry
+        self._segment = segment
+        self._info = info
+        self._table = Table(segment.mm, geo, info.tag_seed, info.check_seed)
+        self._words = self._table.words
+        self._lock = SegmentLock(
+            segment.sem, self._words, segment.fd, self._table.repair_locked, timeout=lock_timeout
+        )
+        self._value_mode = geo.value_size > 0
+        self._codec: Codec | None = codec if codec is not None else (
+            PickleCodec() if self._value_mode else None
+        )
+        self._clock: Clock = clock if clock is not None else time.monotonic
+        self._local: dict[str, tuple[Any, int, int, float]] = {}
+        self._max_local = max(1024, geo.physical_slots)
+        self._hits = 0
+        self._misses = 0
+        self._decode_errors = 0
+        self._closed = False
+        self._pickle_options = {"codec": codec, "lock_timeout": lock_timeout, **attach_options}
+        _instances.add(self)
+
+    # -- construction --------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        name: str,
+        capacity: int = 65536,
+        value_size: int = 0,
+        codec: Codec | None = None,
+        clock: Clock | None = None,
+        *,
+        mode: int = 0o600,
+        lock_timeout: float = 1.0,
+    ) -> SharedMemorySessionCache:
+        """Create a new segment and semaphore named ``name``, owner-only by default.
+
+        Raises ``SegmentExists`` (a ``FileExistsError``) if either name is taken, and
+        ``NoSpace`` if /dev/shm cannot hold the segment (reserved now, not on first touch).
+        """
+        bare = _segment.normalize_name(name)
+        _check_host()
+        _check_lock_timeout(lock_timeout)
+        geo = Geometry.for_capacity(capacity, value_size)
+        if not isinstance(mode, int) or mode & ~0o777:
+            raise InvalidArgument(f"mode must be permission bits like 0o600, got {mode!r}")
+        info = HeaderInfo(
+            geo,
+            secrets.randbits(64),
+            secrets.randbits(64),
+            os.getpid(),
+            os.geteuid(),
+            time.time(),
+            _proc.pid_namespace(),
+        )
+
+        def init(mm: Any) -> None:
+            header = geo.pack_header(
+                tag_seed=info.tag_seed, check_seed=info.check_seed, pid=info.creator_pid,
+                uid=info.creator_uid, created=info.created, pidns=info.pidns,
+            )
+            mm[8 : len(header)] = header[8:]
+            mm[0:8] = header[:8]  # the magic last: a half-made header never looks valid
+
+        segment = _segment.create(bare, geo.size, mode, init)
+        return cls(
+            segment, info, codec=codec, clock=clock, lock_timeout=lock_timeout,
+            attach_options={"allow_writable_by_others": bool(mode & 0o022)},
+        )
+
+    @classmethod
+    def attach(
+        cls,
+        name: str,
+        codec: Codec | None = None,
+        clock: Clock | None = None,
+        *,
+        lock_timeout: float = 1.0,
+        owner_uid: int | None = None,
+        allow_writable_by_others: bool = False,
+    ) -> SharedMemorySessionCache:
+        """Open the existing segment ``name``.
+
+        Refuses (``ShmCacheError``, saying why) a segment with the wrong magic, layout
+        version or size, one made in another pid namespace, and one owned by another user
+        (``owner_uid`` names the owner to trust instead) or writable by group/others
+        (``allow_writable_by_others=True`` accepts it). Root is no exception: a segment
+        squatted in world-writable /dev/shm is exactly the attack.
+        """
+        bare = _segment.normalize_name(name)
+        _check_host()
+        _check_lock_timeout(lock_timeout)
+        segment = _segment.attach(
+            bare, owner_uid=owner_uid, allow_writable_by_others=allow_writable_by_others
+        )
+        try:
+            info = read_header(segment.mm, len(segment.mm))
+            here = _proc.pid_namespace()
+            if info.pidns and here and info.pidns != here:
+                raise IncompatibleSegment(
+                    f"segment {bare!r} was created in another pid namespace: pids in its "
+                    "lock word would mean nothing here (share the host's pid namespace)"
+                )
+        except BaseException:
+            segment.close()
+            raise
+        return cls(
+            segment, info, codec=codec, clock=clock, lock_timeout=lock_timeout,
+            attach_options={
+                "owner_uid": owner_uid, "allow_writable_by_others": allow_writable_by_others
+            },
+        )
+
+    # -- the SessionCache protocol -------------------------------------------------------
+
+    def get(self, token: str) -> Any | None:
+        """The session cached for ``token``, or None. Never raises because of the segment."""
+        entry = self._local.get(token)
+        if entry is not None:
+            session, word, check, expires = entry
+            if self._words[word] == check and self._clock() < expires:
+                self._hits += 1
+                return session
+        return self._get_slow(token, entry is not None)
+
+    def _get_slow(self, token: str, stale: bool) -> Any | None:
+        if not isinstance(token, str):
+            raise InvalidType(f"token must be a str, got {type(token).__name__}")
+        if stale:
+            self._local.pop(token, None)
+        if self._closed:
+            raise CacheClosed("this SharedMemorySessionCache is closed")
+        if self._value_mode and token:
+            try:
+                session = self._load(token)
+            except Exception:  # a damaged or racing slot, or a codec error: a miss
+                session = None
+            if session is not None:
+                self._hits += 1
+                return session
+        self._misses += 1
+        return None
+
+    def _load(self, token: str) -> Any | None:
+        table = self._table
+        tag, home = table.tag_of(_token_bytes(token))
+        try:
+            slot, check, expiry_ms, value = table.lookup(tag, home, self._now_ms())
+        except KeyError:
+            return None
+        if value is None:
+            return None
+        assert self._codec is not None
+        try:
+            session = self._codec.decode(value)
+        except Exception:
+            self._decode_errors += 1
+            return None
+        self._remember(token, session, slot, check, expiry_ms)
+        return session
+
+    def set(self, token: str, session: Any, ttl_seconds: float) -> None:
+        """Cache ``session`` for ``token`` for ``ttl_seconds`` (millisecond resolution).
+
+        Never fails for lack of room: a full probe window reclaims expired entries, then
+        evicts the one that expires soonest. Rejected arguments change nothing.
+        """
+        if not isinstance(token, str):
+            raise InvalidType(f"token must be a str, got {type(token).__name__}")
+        if not token:
+            raise InvalidArgument("token must not be empty")
+        ttl = _ttl(ttl_seconds)
+        value: bytes | None = None
+        oversize = False
+        if self._value_mode:
+            assert self._codec is not None
+            data = self._codec.encode(session)
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise InvalidType(f"codec.encode returned {type(data).__name__}, not bytes")
+            value = bytes(data)
+            if len(value) > self._info.geometry.value_size:
+                value, oversize = None, True
+        self._ensure_open()
+        table = self._table
+        tag, home = table.tag_of(_token_bytes(token))
+        now = self._clock()
+        expiry_ms = min(max(round((now + ttl) * 1000), 0), MAX_EXPIRY_MS)
+        gen = self._lock.acquire()
+        try:
+            slot, check = table.store_locked(
+                tag, home, make_meta(expiry_ms, gen), value, round(now * 1000)
+            )
+            if oversize:
+                self._bump(W_OVERSIZE)
+        except BaseException:
+            table.repair_locked()  # e.g. a signal handler raised mid-write
+            raise
+        finally:
+            self._lock.release()
+        self._remember(token, session, slot, check, expiry_ms)
+
+    def invalidate(self, token: str) -> None:
+        """Drop ``token`` everywhere: once this returns, ``get`` misses in every process.
+
+        Raises (``LockTimeout``...) rather than return without having removed it.
+        """
+        if not isinstance(token, str):
+            raise InvalidType(f"token must be a str, got {type(token).__name__}")
+        self._local.pop(token, None)
+        self._ensure_open()
+        if not token:
+            return
+        table = self._table
+        tag, home = table.tag_of(_token_bytes(token))
+        self._lock.acquire()
+        try:
+            table.remove_locked(tag, home)
+        except BaseException:
+            table.repair_locked()
+            raise
+        finally:
+            self._lock.release()
+
+    def clear(self) -> None:
+        """Drop every session in every process (every user logs in again)."""
+        self._ensure_open()
+        self._local.clear()
+        self._lock.acquire()
+        try:
+            self._table.clear_locked()
+            self._bump(W_CLEARS)
+        except BaseException:
+            self._table.repair_locked()
+            raise
+        finally:
+            self._lock.release()
+
+    # -- maintenance ---------------------------------------------------------------------
+
+    def purge(self) -> int:
+        """Reclaim every expired entry now (``set`` also reclaims them as it goes); returns
+        how many. Holds the lock for at most a few thousand slots at a time."""
+        self._ensure_open()
+        total = 0
+        phys = self._info.geometry.physical_slots
+        for start in range(0, phys, _PURGE_CHUNK):
+            now_ms = self._now_ms()
+            self._lock.acquire()
+            try:
+                total += self._table.purge_locked(start, start + _PURGE_CHUNK, now_ms)
+            except BaseException:
+                self._table.repair_locked()
+                raise
+            finally:
+                self._lock.release()
+        return total
+
+    def stats(self) -> dict[str, Any]:
+        """Figures for the whole segment (``hits``/``misses``: this process's own)."""
+        self._ensure_open()
+        geo = self._info.geometry
+        census = self._table.census(self._now_ms())
+        words = self._words
+        owner = self._lock.owner()
+        occupied = census["entries"] + census["expired"] + census["invalid"]
+        return {
+            "name": self._segment.name,
+            "capacity": geo.capacity,
+            "slots": geo.physical_slots,
+            "window": geo.window,
+            "value_size": geo.value_size,
+            "size_bytes": geo.size,
+            "entries": census["entries"],
+            "expired": census["expired"],
+            "invalid": census["invalid"],
+            "tombstones": 0,  # removals zero their slot: this table has none
+            "load_factor": occupied / geo.nslots,
+            "hits": self._hits,
+            "misses": self._misses,
+            "decode_errors": self._decode_errors,
+            "evictions": int(words[W_EVICTIONS]),
+            "lock_recoveries": int(words[W_RECOVERIES]),
+            "oversize": int(words[W_OVERSIZE]),
+            "clears": int(words[W_CLEARS]),
+            "lock_owner": (owner & _proc.PID_MASK) or None,
+            "creator_pid": self._info.creator_pid,
+            "created": self._info.created,
+            "local_sessions": len(self._local),
+        }
+
+    def check(self) -> list[str]:
+        """Integrity check of the whole segment: a list of problems, ``[]`` when whole.
+
+        Scans without the lock, then re-checks anything suspicious under it (a writer
+        racing the scan is not a problem). Taking the lock also recovers it from a dead
+        holder, so a check after a crash reports what recovery could not mend.
+        """
+        self._ensure_open()
+        problems: list[str] = []
+        try:
+            if read_header(self._segment.mm, len(self._segment.mm)) != self._info:
+                problems.append("header: immutable fields changed since attach")
+        except IncompatibleSegment as exc:
+            problems.append(f"header: {exc}")
+        suspicious = self._table.problems()
+        try:
+            self._lock.acquire()
+        except LockTimeout as exc:
+            problems.append(f"lock: {exc}")
+            return problems
+        try:
+            op, slot = self._table.journal()
+            if op not in (OP_NONE, OP_SLOT, OP_CLEAR) or (
+                op == OP_SLOT and slot >= self._info.geometry.physical_slots
+            ):
+                problems.append(f"journal: unreadable word (op {op}, slot {slot})")
+            for slot in suspicious:
+                problem = self._table.slot_problem(slot) or self._table.duplicate_problem(slot)
+                if problem is not None and problem not in problems:
+                    problems.append(problem)
+        finally:
+            self._lock.release()
+        return problems
+
+    def recover_lock(self) -> bool:
+        """Free the lock now if the process recorded as holding it is dead (gunicorn's
+        ``child_exit`` and ``shmcache unlock`` call this); False if there was nothing to do."""
+        self._ensure_open()
+        return self._lock.recover_if_abandoned()
+
+    # -- lifetime ------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._segment.name
+
+    @property
+    def capacity(self) -> int:
+        return self._info.geometry.capacity
+
+    @property
+    def value_size(self) -> int:
+        return self._info.geometry.value_size
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Detach this process (the segment and its sessions stay for the others)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._local.clear()
+        self._table.release()
+        self._segment.close()
+
+    def unlink(self) -> None:
+        """Remove the segment's and the semaphore's names (processes attached keep working
+        until they close; nobody new can attach)."""
+        self._segment.unlink()
+
+    def __enter__(self) -> SharedMemorySessionCache:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_attach_pickled, (self._segment.name, self._pickle_options))
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"capacity={self.capacity}"
+        return f"<SharedMemorySessionCache {self._segment.name!r} {state}>"
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _now_ms(self) -> int:
+        return round(self._clock() * 1000)
+
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise CacheClosed("this SharedMemorySessionCache is closed")
+
+    def _bump(self, word: int) -> None:
+        """Add one to a header counter (caller holds the lock)."""
+        self._words[word] = (self._words[word] + 1) & U64
+
+    def _remember(self, token: str, session: Any, slot: int, check: int, expiry_ms: int) -> None:
+        local = self._local
+        if len(local) >= self._max_local and token not in local:
+            self._prune_local()
+        local[token] = (session, self._table.check_word_index(slot), check, expiry_ms / 1000)
+
+    def _prune_local(self) -> None:
+        """Bound the per-process map: drop entries the table no longer vouches for, then
+        the oldest half if that was not enough (they are only a cache of a cache)."""
+        words, now = self._words, self._clock()
+        local = self._local
+        for token, (_, word, check, expires) in list(local.items()):
+            if words[word] != check or now >= expires:
+                del local[token]
+        if len(local) >= self._max_local:
+            for token in list(local)[: len(local) // 2]:
+                del local[token]
+
+
+def _attach_pickled(name: str, options: dict[str, Any]) -> SharedMemorySessionCache:
+    return SharedMemorySessionCache.attach(name, **options)
+
+
+def _check_host() -> None:
+    if not host_supported():
+        raise ShmCacheError("shmcache needs a little-endian host (x86-64, aarch64)")
+
+
+def _check_lock_timeout(timeout: object) -> None:
+    if isinstance(timeout, bool) or not isinstance(timeout, Real) or not (
+        math.isfinite(float(timeout)) and float(timeout) > 0
+    ):
+        raise InvalidArgument(f"lock_timeout must be a finite positive number, got {timeout!r}")

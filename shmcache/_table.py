@@ -1,0 +1,359 @@
+"""The hash table algorithm, over any writable buffer (an mmap, or a bytearray in tests).
+
+No OS call, no clock, no lock in here: the caller passes ``now_ms`` and, for every method
+whose name ends in ``_locked``, holds the segment lock.
+
+Algorithm: bounded-window open addressing. A tag's home slot is ``tag % N``; the tag lives
+in the first free slot of ``[home, home + W)``. Lookups scan the whole window with one
+C-level ``find`` over the contiguous tag array, so they never stop at an empty slot and a
+removal simply zeroes its slot: there are no tombstones to pile up under churn, and every
+probe touches at most ``W`` slots whatever the bytes in the segment say.
+
+Lock-free reads (why a reader never accepts half a slot): a writer first stores 0 in the
+slot's check word, then the tag, meta and value, then the new check, which is a keyed
+64-bit hash of tag|meta|value. A reader copies the slot and accepts it only if the check
+it read matches the hash of the bytes it read. A copy that mixes two writes (or a write
+cut short by a SIGKILL) matches only by a 2**-64 accident, whatever order the CPU makes
+the loads and stores visible in. A reader that already knows a slot (the per-process map
+of the cache) compares the single check word: checks are unique per write (the meta holds
+a 20-bit nonce from the lock generation) so an equal check means "unchanged since".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import xxhash
+
+from ._layout import (
+    EXPIRY_BITS,
+    JOURNAL_SLOT_MASK,
+    MAX_EXPIRY_MS,
+    NO_VALUE,
+    NONCE_BITS,
+    NONCE_MASK,
+    OP_CLEAR,
+    OP_NONE,
+    OP_SLOT,
+    TAG_SIZE,
+    U64,
+    W_EVICTIONS,
+    W_JOURNAL,
+    ZERO_TAG,
+    Geometry,
+)
+
+_xxh128 = xxhash.xxh3_128_intdigest
+_xxh64 = xxhash.xxh3_64_intdigest
+_CLEAR_CHUNK = 1 << 20
+
+
+def make_meta(expiry_ms: int, nonce: int) -> int:
+    return (min(max(expiry_ms, 0), MAX_EXPIRY_MS) << NONCE_BITS) | (nonce & NONCE_MASK)
+
+
+def meta_expiry_ms(meta: int) -> int:
+    return meta >> NONCE_BITS
+
+
+class Table:
+    """Slots of one segment. ``buf`` must support the buffer protocol and ``find``."""
+
+    def __init__(self, buf: Any, geometry: Geometry, tag_seed: int, check_seed: int) -> None:
+        self.geometry = g = geometry
+        self._buf = buf
+        self.words = memoryview(buf).cast("B").cast("Q")
+        self._tag_seed = tag_seed
+        self._check_seed = check_seed
+        self._nslots = g.nslots
+        self._window = g.window
+        self._phys = g.physical_slots
+        self._tags = g.tags_offset
+        self._checks_w = g.checks_offset // 8
+        self._metas_w = g.metas_offset // 8
+        self._values = g.values_offset
+        self._vstride = g.value_stride
+        self._value_size = g.value_size
+
+    def release(self) -> None:
+        """Drop the buffer view (an mmap cannot close while a view of it exists)."""
+        self.words.release()
+
+    # -- hashing -------------------------------------------------------------------------
+
+    def tag_of(self, token: bytes) -> tuple[bytes, int]:
+        """Keyed 128-bit tag of a token and its home slot. The token never reaches the table."""
+        h = _xxh128(token, self._tag_seed) or 1  # an all-zero tag would read as an empty slot
+        return h.to_bytes(TAG_SIZE, "little"), h % self._nslots
+
+    def home_of(self, tag: bytes) -> int:
+        return int.from_bytes(tag, "little") % self._nslots
+
+    def _checksum(self, tag: bytes, meta: int, value_area: bytes) -> int:
+        return _xxh64(tag + meta.to_bytes(8, "little") + value_area, self._check_seed) or 1
+
+    def check_word_index(self, slot: int) -> int:
+        """Index in ``words`` of a slot's check: the one word a known-slot reader compares."""
+        return self._checks_w + slot
+
+    # -- lock-free reads -----------------------------------------------------------------
+
+    def find(self, tag: bytes, home: int) -> int:
+        """Slot index holding ``tag`` in its window, or -1. Touches at most W slots."""
+        base = self._tags
+        start = base + home * TAG_SIZE
+        end = start + self._window * TAG_SIZE
+        buf = self._buf
+        pos = buf.find(tag, start, end)
+        while pos >= 0:
+            rel = pos - base
+            if not rel % TAG_SIZE:
+                return rel // TAG_SIZE
+            pos = buf.find(tag, pos + 1, end)  # a match straddling two tags: keep looking
+        return -1
+
+    def read_slot(self, slot: int) -> tuple[bytes, int, int, bytes | None] | None:
+        """A consistent copy ``(tag, meta, check, value_area)`` of a slot, or None if torn.
+
+        ``value_area`` is the length word plus the value bytes (None when the slot holds no
+        value or the length is out of range).
+        """
+        check = self.words[self._checks_w + slot]
+        if not check:
+            return None
+        t = self._tags + slot * TAG_SIZE
+        tag = bytes(self._buf[t : t + TAG_SIZE])
+        meta = self.words[self._metas_w + slot]
+        area = b""
+        if self._vstride:
+            v = self._values + slot * self._vstride
+            length = int.from_bytes(self._buf[v : v + 4], "little")
+            if length == NO_VALUE:
+                area = b"\xff\xff\xff\xff"
+            elif length <= self._value_size:
+                area = bytes(self._buf[v : v + 4 + length])
+            else:
+                return None
+        if self._checksum(tag, meta, area) != check:
+            return None
+        return tag, meta, check, (area if area and area != b"\xff\xff\xff\xff" else None)
+
+    def lookup(self, tag: bytes, home: int, now_ms: int) -> tuple[int, int, int, bytes | None]:
+        """``(slot, check, expiry_ms, value)`` of a live entry; raises KeyError on a miss.
+
+        Lock-free; a slot being written, torn or damaged reads as a miss.
+        """
+        slot = self.find(tag, home)
+        if slot < 0:
+            raise KeyError(tag)
+        snap = self.read_slot(slot)
+        if snap is None or snap[0] != tag:
+            raise KeyError(tag)
+        _, meta, check, area = snap
+        expiry = meta >> NONCE_BITS
+        if now_ms >= expiry:
+            raise KeyError(tag)
+        return slot, check, expiry, (area[4:] if area is not None else None)
+
+    def check_of(self, slot: int) -> int:
+        return self.words[self._checks_w + slot]
+
+    # -- writes (caller holds the lock) --------------------------------------------------
+
+    def store_locked(
+        self, tag: bytes, home: int, meta: int, value: bytes | None, now_ms: int
+    ) -> tuple[int, int]:
+        """Insert or overwrite ``tag``; returns ``(slot, check)``. Never fails for lack of room.
+
+        Order of preference: the tag's own slot, an empty slot, expired or invalid slots
+        (all of them in the window are reclaimed at once, to amortise the scan), and last
+        the live entry that expires soonest (counted as an eviction).
+        """
+        slot = self.find(tag, home)
+        if slot < 0:
+            slot = self.find(ZERO_TAG, home)
+            if slot < 0:
+                slot = self._reclaim_window_locked(home, now_ms)
+        return slot, self._write_slot_locked(slot, tag, meta, value)
+
+    def _reclaim_window_locked(self, home: int, now_ms: int) -> int:
+        words = self.words
+        checks_w, metas_w = self._checks_w, self._metas_w
+        first_free = -1
+        victim, victim_expiry = home, MAX_EXPIRY_MS + 1
+        for slot in range(home, home + self._window):
+            expiry = words[metas_w + slot] >> NONCE_BITS
+            if not words[checks_w + slot] or expiry <= now_ms:
+                self._zero_slot_locked(slot)
+                if first_free < 0:
+                    first_free = slot
+            elif expiry < victim_expiry:
+                victim, victim_expiry = slot, expiry
+        if first_free >= 0:
+            return first_free
+        words[W_EVICTIONS] = (words[W_EVICTIONS] + 1) & U64
+        return victim
+
+    def _write_slot_locked(self, slot: int, tag: bytes, meta: int, value: bytes | None) -> int:
+        words = self.words
+        words[W_JOURNAL] = (OP_SLOT << 56) | slot
+        cw = self._checks_w + slot
+        words[cw] = 0  # from here until the last store, every reader sees "invalid"
+        t = self._tags + slot * TAG_SIZE
+        self._buf[t : t + TAG_SIZE] = tag
+        words[self._metas_w + slot] = meta
+        area = b""
+        if self._vstride:
+            if value is None:
+                area = NO_VALUE.to_bytes(4, "little")
+            else:
+                area = len(value).to_bytes(4, "little") + value
+            v = self._values + slot * self._vstride
+            self._buf[v : v + len(area)] = area
+        check = self._checksum(tag, meta, area)
+        words[cw] = check
+        return check
+
+    def _zero_slot_locked(self, slot: int) -> None:
+        words = self.words
+        words[W_JOURNAL] = (OP_SLOT << 56) | slot
+        words[self._checks_w + slot] = 0
+        t = self._tags + slot * TAG_SIZE
+        self._buf[t : t + TAG_SIZE] = ZERO_TAG
+        words[self._metas_w + slot] = 0
+
+    def remove_locked(self, tag: bytes, home: int) -> bool:
+        slot = self.find(tag, home)
+        if slot < 0:
+            return False
+        self._zero_slot_locked(slot)
+        return True
+
+    def clear_locked(self) -> None:
+        """Empty every slot. Journaled, so a holder killed half-way is finished by recovery."""
+        words = self.words
+        words[W_JOURNAL] = OP_CLEAR << 56
+        # Checks first: from the first zeroed check on, those slots read as misses.
+        self._zero_range(self._checks_w * 8, self._phys * 8)
+        self._zero_range(self._tags, self._phys * TAG_SIZE)
+        self._zero_range(self._metas_w * 8, self._phys * 8)
+        words[W_JOURNAL] = OP_NONE
+
+    def _zero_range(self, start: int, length: int) -> None:
+        zeros = bytes(min(length, _CLEAR_CHUNK))
+        end = start + length
+        while start < end:
+            n = min(len(zeros), end - start)
+            self._buf[start : start + n] = zeros[:n]
+            start += n
+
+    def purge_locked(self, start: int, stop: int, now_ms: int) -> int:
+        """Reclaim expired or invalid slots in ``[start, stop)``; returns how many."""
+        words = self.words
+        checks_w, metas_w = self._checks_w, self._metas_w
+        reclaimed = 0
+        stop = min(stop, self._phys)
+        tags = self._tags
+        for slot in range(start, stop):
+            t = tags + slot * TAG_SIZE
+            if self._buf[t : t + TAG_SIZE] == ZERO_TAG:
+                continue
+            if not words[checks_w + slot] or (words[metas_w + slot] >> NONCE_BITS) <= now_ms:
+                self._zero_slot_locked(slot)
+                reclaimed += 1
+        return reclaimed
+
+    def repair_locked(self) -> list[str]:
+        """Finish or undo what a dead lock holder was doing, from the journal."""
+        words = self.words
+        journal = words[W_JOURNAL]
+        op, slot = journal >> 56, journal & JOURNAL_SLOT_MASK
+        done: list[str] = []
+        if op == OP_CLEAR:
+            self.clear_locked()
+            done.append("finished an interrupted clear")
+        elif op == OP_SLOT and slot < self._phys:
+            if self.slot_problem(slot) is not None:
+                self._zero_slot_locked(slot)
+                done.append(f"dropped half-written slot {slot}")
+        elif op != OP_NONE:
+            done.append(f"ignored an unreadable journal word {journal:#x}")
+        words[W_JOURNAL] = OP_NONE
+        return done
+
+    # -- inspection ----------------------------------------------------------------------
+
+    def slot_problem(self, slot: int) -> str | None:
+        """What is wrong with one slot, or None (empty or a whole, well-placed entry)."""
+        t = self._tags + slot * TAG_SIZE
+        tag = bytes(self._buf[t : t + TAG_SIZE])
+        check = self.words[self._checks_w + slot]
+        if tag == ZERO_TAG:
+            if check:
+                return f"slot {slot}: empty tag but a check word is set"
+            return None
+        if not check:
+            return f"slot {slot}: tag without a check (a write that never finished)"
+        if self.read_slot(slot) is None:
+            return f"slot {slot}: check does not match the slot's bytes (torn or damaged)"
+        home = self.home_of(tag)
+        if not home <= slot < home + self._window:
+            return f"slot {slot}: entry outside its probe window (home {home})"
+        return None
+
+    def problems(self) -> list[int]:
+        """Slots that look damaged in a lock-free pass (a racing writer may cause false alarms;
+        the caller re-checks these under the lock)."""
+        bad: list[int] = []
+        seen: dict[bytes, int] = {}
+        buf, tags = self._buf, self._tags
+        for slot in range(self._phys):
+            t = tags + slot * TAG_SIZE
+            tag = bytes(buf[t : t + TAG_SIZE])
+            if tag == ZERO_TAG and not self.words[self._checks_w + slot]:
+                continue
+            if tag in seen:
+                bad.append(slot)
+            seen[tag] = slot
+            if self.slot_problem(slot) is not None:
+                bad.append(slot)
+        return bad
+
+    def duplicate_problem(self, slot: int) -> str | None:
+        t = self._tags + slot * TAG_SIZE
+        tag = bytes(self._buf[t : t + TAG_SIZE])
+        if tag == ZERO_TAG:
+            return None
+        first = self.find(tag, self.home_of(tag))
+        if 0 <= first != slot:
+            return f"slot {slot}: same tag as slot {first}"
+        return None
+
+    def census(self, now_ms: int) -> dict[str, int]:
+        """Counts of live, expired, empty and invalid slots (lock-free, approximate if busy)."""
+        phys = self._phys
+        checks = self.words[self._checks_w : self._checks_w + phys].tolist()
+        metas = self.words[self._metas_w : self._metas_w + phys].tolist()
+        live = expired = invalid = 0
+        for check, meta in zip(checks, metas):
+            if not check:
+                if meta:
+                    invalid += 1
+                continue
+            if meta >> NONCE_BITS > now_ms:
+                live += 1
+            else:
+                expired += 1
+        return {
+            "entries": live,
+            "expired": expired,
+            "invalid": invalid,
+            "empty": phys - live - expired - invalid,
+        }
+
+    def journal(self) -> tuple[int, int]:
+        j = self.words[W_JOURNAL]
+        return j >> 56, j & JOURNAL_SLOT_MASK
+
+
+assert EXPIRY_BITS + NONCE_BITS == 64
