@@ -1,7 +1,8 @@
 """The binary format of a shmcache segment: the only module that knows where bytes go.
 
-A segment is one header page followed by four slot arrays ("structure of arrays": the tags
-are contiguous, so one ``find`` call in C scans a whole probe window)::
+A segment is one header page followed by two slot arrays: the tags, contiguous so that one
+``find`` call in C scans a whole probe window, and the records, where each slot's check,
+meta and value sit side by side (one cache line to touch on a write or a lookup)::
 
     offset 0      +------------------------------------------------------------+
                   | header (HEADER_SIZE = 4096 bytes)                          |
@@ -15,16 +16,20 @@ are contiguous, so one ``find`` call in C scans a whole probe window)::
                   | 128.. mutable words, one aligned 8-byte store each:        |
                   |  128 lock owner  136 lock generation  144 journal          |
                   |  152 evictions   160 lock recoveries  168 oversize values  |
-                  |  176 clears      184 retired hits     192 retired misses   |
-                  | 512.. PROCESS_RECORDS records of (owner, hits, misses, 0)  |
-    TAGS          +------------------------------------------------------------+
-                  | P = N + W - 1 tags, 16 bytes each (keyed xxh3-128 of the   |
-                  | token; all zero = empty slot)                              |
-    CHECKS        | P checks, u64: keyed xxh3-64 of tag|meta|value; 0 = invalid|
-    METAS         | P metas, u64: expiry in ms << 20 | 20-bit write nonce      |
-    VALUES        | P value areas of VALUE_STRIDE bytes: u32 length + bytes    |
-                  | (only when value size > 0)                                 |
+                  |  176 clears      184..511 reserved (zero)                  |
+    TAGS = 4096   +------------------------------------------------------------+
+                  | P = N + W - 1 tags of 16 bytes: keyed xxh3-128 of the      |
+                  | token; all zero = empty slot                               |
+    RECORDS       +------------------------------------------------------------+
+                  | P records of RECORD_STRIDE bytes:                          |
+                  |   +0  check u64: keyed xxh3-64 of tag|meta|value, 0=invalid |
+                  |   +8  meta  u64: expiry in ms << 20 | 20-bit write nonce   |
+                  |   +16 value area (only if value size > 0): u32 length      |
+                  |       (0xFFFFFFFF = no value) + bytes, padded to 8         |
                   +------------------------------------------------------------+
+
+In hash-only mode a slot is 32 bytes (16 tag + 16 record); at the 2/3 maximum load that
+is 48 bytes of shared memory per session.
 
 Byte order is little-endian throughout. The immutable header is packed with ``struct``;
 the mutable words and the check/meta arrays are read and written through a native ``'Q'``
@@ -79,16 +84,10 @@ W_EVICTIONS = 152 // 8
 W_RECOVERIES = 160 // 8
 W_OVERSIZE = 168 // 8
 W_CLEARS = 176 // 8
-W_RETIRED_HITS = 184 // 8
-W_RETIRED_MISSES = 192 // 8
 
 # Journal: what the lock holder is modifying, so a recovery knows what to verify.
 OP_NONE, OP_SLOT, OP_CLEAR = 0, 1, 2
 JOURNAL_SLOT_MASK = (1 << 56) - 1
-
-# Per-process hit/miss records: 4 words each (owner word, hits, misses, spare).
-PROCESS_RECORDS_OFFSET = 512
-PROCESS_RECORDS = (HEADER_SIZE - PROCESS_RECORDS_OFFSET) // 32
 
 
 def host_supported() -> bool:
@@ -130,27 +129,24 @@ class Geometry:
 
     @property
     def value_stride(self) -> int:
+        """Bytes of a record's value area (length word + value, padded to 8)."""
         return _round8(4 + self.value_size) if self.value_size else 0
+
+    @property
+    def record_stride(self) -> int:
+        return 16 + self.value_stride
 
     @property
     def tags_offset(self) -> int:
         return HEADER_SIZE
 
     @property
-    def checks_offset(self) -> int:
+    def records_offset(self) -> int:
         return self.tags_offset + TAG_SIZE * self.physical_slots
 
     @property
-    def metas_offset(self) -> int:
-        return self.checks_offset + 8 * self.physical_slots
-
-    @property
-    def values_offset(self) -> int:
-        return self.metas_offset + 8 * self.physical_slots
-
-    @property
     def size(self) -> int:
-        return self.values_offset + self.value_stride * self.physical_slots
+        return self.records_offset + self.record_stride * self.physical_slots
 
     def pack_header(
         self, *, tag_seed: int, check_seed: int, pid: int, uid: int, created: float, pidns: int

@@ -31,8 +31,10 @@ lifted, pending handlers run as ordinary Python code, and whatever they raise pr
 from __future__ import annotations
 
 import fcntl
+import os
 import signal
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -46,6 +48,17 @@ _SLICE = 0.02
 _TIMED_WAIT = bool(getattr(posix_ipc, "SEMAPHORE_TIMEOUT_SUPPORTED", False))
 _HAS_VALUE = bool(getattr(posix_ipc, "SEMAPHORE_VALUE_SUPPORTED", False))
 _ALL_SIGNALS = signal.valid_signals() if hasattr(signal, "valid_signals") else set()
+
+_locks: weakref.WeakSet[SegmentLock] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    # A forked child inherits the lock objects but is another process: new owner word.
+    for lock in list(_locks):
+        lock._me = _proc.my_word()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 class SegmentLock:
@@ -73,24 +86,34 @@ class SegmentLock:
         self._on_recover = on_recover
         self.timeout = timeout
         self._is_alive = is_alive
+        self._sem_acquire = sem.acquire
+        self._sem_release = sem.release
+        self._me = _proc.my_word()
+        _locks.add(self)
 
-    # The uncontended path is a trywait and three word accesses: it is on every write.
+    # The uncontended path is a trywait and four word accesses: it is on every write, so it
+    # is written flat (each Python call here costs as much as the semaphore itself).
     def acquire(self) -> int:
         """Take the lock; returns the new generation (unique per acquisition)."""
         try:
-            self._sem.acquire(0)
+            self._sem_acquire(0)
         except posix_ipc.BusyError:
             return self._wait()
-        gen = self._claim()
-        return gen if gen >= 0 else self._wait()
+        words = self._words
+        if words[W_OWNER]:
+            return self._wait()  # taken over while we stalled: see _claim
+        gen = (words[W_GEN] + 1) & U64
+        words[W_GEN] = gen
+        words[W_OWNER] = self._me
+        return gen
 
     def release(self) -> None:
         words = self._words
-        if words[W_OWNER] != _proc.my_word():
-            # Someone judged our acquisition abandoned and took it over: it is theirs to post.
-            return
-        words[W_OWNER] = 0
-        self._sem.release()
+        if words[W_OWNER] == self._me:
+            words[W_OWNER] = 0
+            self._sem_release()
+        # Otherwise someone judged our acquisition abandoned and took it over: it is theirs
+        # to post, and posting it too would let two processes in.
 
     def _claim(self) -> int:
         words = self._words
@@ -101,7 +124,7 @@ class SegmentLock:
             return -1
         gen = (words[W_GEN] + 1) & U64
         words[W_GEN] = gen
-        words[W_OWNER] = _proc.my_word()
+        words[W_OWNER] = self._me
         return gen
 
     def _wait(self) -> int:
@@ -179,7 +202,7 @@ class SegmentLock:
                 return -1  # released meanwhile: take it the ordinary way
             gen = (observed[1] + 1) & U64
             words[W_GEN] = gen
-            words[W_OWNER] = _proc.my_word()
+            words[W_OWNER] = self._me
             words[W_RECOVERIES] = (words[W_RECOVERIES] + 1) & U64
         finally:
             fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, 0)

@@ -35,6 +35,8 @@ from ._errors import (
 )
 from ._layout import (
     MAX_EXPIRY_MS,
+    NONCE_BITS,
+    NONCE_MASK,
     OP_CLEAR,
     OP_NONE,
     OP_SLOT,
@@ -49,7 +51,7 @@ from ._layout import (
     read_header,
 )
 from ._lock import SegmentLock
-from ._table import Table, make_meta
+from ._table import Table
 from .codecs import Codec, PickleCodec
 
 Clock = Callable[[], float]
@@ -116,6 +118,7 @@ class SharedMemorySessionCache:
         self._info = info
         self._table = Table(segment.mm, geo, info.tag_seed, info.check_seed)
         self._words = self._table.words
+        self._checks_w = self._table.check_word_index(0)
         self._lock = SegmentLock(
             segment.sem, self._words, segment.fd, self._table.repair_locked, timeout=lock_timeout
         )
@@ -279,11 +282,13 @@ class SharedMemorySessionCache:
         Never fails for lack of room: a full probe window reclaims expired entries, then
         evicts the one that expires soonest. Rejected arguments change nothing.
         """
-        if not isinstance(token, str):
+        if type(token) is not str and not isinstance(token, str):
             raise InvalidType(f"token must be a str, got {type(token).__name__}")
         if not token:
             raise InvalidArgument("token must not be empty")
-        ttl = _ttl(ttl_seconds)
+        ttl = ttl_seconds
+        if type(ttl) is not float and type(ttl) is not int or not 0 < ttl < math.inf:
+            ttl = _ttl(ttl_seconds)  # the general (and the error) path
         value: bytes | None = None
         oversize = False
         if self._value_mode:
@@ -294,15 +299,19 @@ class SharedMemorySessionCache:
             value = bytes(data)
             if len(value) > self._info.geometry.value_size:
                 value, oversize = None, True
-        self._ensure_open()
+        if self._closed:
+            raise CacheClosed("this SharedMemorySessionCache is closed")
         table = self._table
         tag, home = table.tag_of(_token_bytes(token))
         now = self._clock()
-        expiry_ms = min(max(round((now + ttl) * 1000), 0), MAX_EXPIRY_MS)
-        gen = self._lock.acquire()
+        expiry_ms = round((now + ttl) * 1000)
+        if not 0 <= expiry_ms <= MAX_EXPIRY_MS:
+            expiry_ms = min(max(expiry_ms, 0), MAX_EXPIRY_MS)
+        lock = self._lock
+        gen = lock.acquire()
         try:
             slot, check = table.store_locked(
-                tag, home, make_meta(expiry_ms, gen), value, round(now * 1000)
+                tag, home, (expiry_ms << NONCE_BITS) | (gen & NONCE_MASK), value, int(now * 1000)
             )
             if oversize:
                 self._bump(W_OVERSIZE)
@@ -310,8 +319,11 @@ class SharedMemorySessionCache:
             table.repair_locked()  # e.g. a signal handler raised mid-write
             raise
         finally:
-            self._lock.release()
-        self._remember(token, session, slot, check, expiry_ms)
+            lock.release()
+        local = self._local
+        if len(local) >= self._max_local and token not in local:
+            self._prune_local()
+        local[token] = (session, self._checks_w + slot, check, expiry_ms / 1000)
 
     def invalidate(self, token: str) -> None:
         """Drop ``token`` everywhere: once this returns, ``get`` misses in every process.
@@ -509,7 +521,7 @@ class SharedMemorySessionCache:
         local = self._local
         if len(local) >= self._max_local and token not in local:
             self._prune_local()
-        local[token] = (session, self._table.check_word_index(slot), check, expiry_ms / 1000)
+        local[token] = (session, self._checks_w + slot, check, expiry_ms / 1000)
 
     def _prune_local(self) -> None:
         """Bound the per-process map: drop entries the table no longer vouches for, then

@@ -10,7 +10,7 @@ removal simply zeroes its slot: there are no tombstones to pile up under churn, 
 probe touches at most ``W`` slots whatever the bytes in the segment say.
 
 Lock-free reads (why a reader never accepts half a slot): a writer first stores 0 in the
-slot's check word, then the tag, meta and value, then the new check, which is a keyed
+slot's check word, then the tag, meta and value, then the new check (see ``_layout``), which is a keyed
 64-bit hash of tag|meta|value. A reader copies the slot and accepts it only if the check
 it read matches the hash of the bytes it read. A copy that mixes two writes (or a write
 cut short by a SIGKILL) matches only by a 2**-64 accident, whatever order the CPU makes
@@ -46,6 +46,8 @@ from ._layout import (
 _xxh128 = xxhash.xxh3_128_intdigest
 _xxh64 = xxhash.xxh3_64_intdigest
 _CLEAR_CHUNK = 1 << 20
+_OP_SLOT_BITS = OP_SLOT << 56
+_NO_VALUE_BYTES = NO_VALUE.to_bytes(4, "little")
 
 
 def make_meta(expiry_ms: int, nonce: int) -> int:
@@ -69,9 +71,10 @@ class Table:
         self._window = g.window
         self._phys = g.physical_slots
         self._tags = g.tags_offset
-        self._checks_w = g.checks_offset // 8
-        self._metas_w = g.metas_offset // 8
-        self._values = g.values_offset
+        self._records = g.records_offset
+        self._rstride = g.record_stride
+        self._rec_w = g.records_offset // 8  # word index of slot 0's check
+        self._rw = g.record_stride // 8  # words per record
         self._vstride = g.value_stride
         self._value_size = g.value_size
 
@@ -94,7 +97,7 @@ class Table:
 
     def check_word_index(self, slot: int) -> int:
         """Index in ``words`` of a slot's check: the one word a known-slot reader compares."""
-        return self._checks_w + slot
+        return self._rec_w + slot * self._rw
 
     # -- lock-free reads -----------------------------------------------------------------
 
@@ -118,25 +121,26 @@ class Table:
         ``value_area`` is the length word plus the value bytes (None when the slot holds no
         value or the length is out of range).
         """
-        check = self.words[self._checks_w + slot]
+        cw = self._rec_w + slot * self._rw
+        check = self.words[cw]
         if not check:
             return None
         t = self._tags + slot * TAG_SIZE
         tag = bytes(self._buf[t : t + TAG_SIZE])
-        meta = self.words[self._metas_w + slot]
+        meta = self.words[cw + 1]
         area = b""
         if self._vstride:
-            v = self._values + slot * self._vstride
+            v = self._records + slot * self._rstride + 16
             length = int.from_bytes(self._buf[v : v + 4], "little")
             if length == NO_VALUE:
-                area = b"\xff\xff\xff\xff"
+                area = _NO_VALUE_BYTES
             elif length <= self._value_size:
                 area = bytes(self._buf[v : v + 4 + length])
             else:
                 return None
         if self._checksum(tag, meta, area) != check:
             return None
-        return tag, meta, check, (area if area and area != b"\xff\xff\xff\xff" else None)
+        return tag, meta, check, (area if area and area != _NO_VALUE_BYTES else None)
 
     def lookup(self, tag: bytes, home: int, now_ms: int) -> tuple[int, int, int, bytes | None]:
         """``(slot, check, expiry_ms, value)`` of a live entry; raises KeyError on a miss.
@@ -156,7 +160,7 @@ class Table:
         return slot, check, expiry, (area[4:] if area is not None else None)
 
     def check_of(self, slot: int) -> int:
-        return self.words[self._checks_w + slot]
+        return self.words[self._rec_w + slot * self._rw]
 
     # -- writes (caller holds the lock) --------------------------------------------------
 
@@ -169,21 +173,34 @@ class Table:
         (all of them in the window are reclaimed at once, to amortise the scan), and last
         the live entry that expires soonest (counted as an eviction).
         """
-        slot = self.find(tag, home)
+        # find() twice, inlined: this is the body of every set().
+        buf, base = self._buf, self._tags
+        start = base + home * TAG_SIZE
+        end = start + self._window * TAG_SIZE
+        pos = buf.find(tag, start, end)
+        if pos >= 0 and (pos - base) % TAG_SIZE:
+            slot = self.find(tag, home)
+        else:
+            slot = (pos - base) // TAG_SIZE if pos >= 0 else -1
         if slot < 0:
-            slot = self.find(ZERO_TAG, home)
-            if slot < 0:
-                slot = self._reclaim_window_locked(home, now_ms)
+            pos = buf.find(ZERO_TAG, start, end)
+            if pos >= 0 and not (pos - base) % TAG_SIZE:
+                slot = (pos - base) // TAG_SIZE
+            else:
+                slot = self.find(ZERO_TAG, home)
+                if slot < 0:
+                    slot = self._reclaim_window_locked(home, now_ms)
         return slot, self._write_slot_locked(slot, tag, meta, value)
 
     def _reclaim_window_locked(self, home: int, now_ms: int) -> int:
         words = self.words
-        checks_w, metas_w = self._checks_w, self._metas_w
+        rec_w, rw = self._rec_w, self._rw
         first_free = -1
         victim, victim_expiry = home, MAX_EXPIRY_MS + 1
         for slot in range(home, home + self._window):
-            expiry = words[metas_w + slot] >> NONCE_BITS
-            if not words[checks_w + slot] or expiry <= now_ms:
+            cw = rec_w + slot * rw
+            expiry = words[cw + 1] >> NONCE_BITS
+            if not words[cw] or expiry <= now_ms:
                 self._zero_slot_locked(slot)
                 if first_free < 0:
                     first_free = slot
@@ -196,31 +213,30 @@ class Table:
 
     def _write_slot_locked(self, slot: int, tag: bytes, meta: int, value: bytes | None) -> int:
         words = self.words
-        words[W_JOURNAL] = (OP_SLOT << 56) | slot
-        cw = self._checks_w + slot
+        words[W_JOURNAL] = _OP_SLOT_BITS | slot
+        cw = self._rec_w + slot * self._rw
         words[cw] = 0  # from here until the last store, every reader sees "invalid"
         t = self._tags + slot * TAG_SIZE
         self._buf[t : t + TAG_SIZE] = tag
-        words[self._metas_w + slot] = meta
-        area = b""
+        words[cw + 1] = meta
         if self._vstride:
-            if value is None:
-                area = NO_VALUE.to_bytes(4, "little")
-            else:
-                area = len(value).to_bytes(4, "little") + value
-            v = self._values + slot * self._vstride
+            area = _NO_VALUE_BYTES if value is None else len(value).to_bytes(4, "little") + value
+            v = cw * 8 + 16
             self._buf[v : v + len(area)] = area
-        check = self._checksum(tag, meta, area)
+            check = _xxh64(tag + meta.to_bytes(8, "little") + area, self._check_seed) or 1
+        else:
+            check = _xxh64(tag + meta.to_bytes(8, "little"), self._check_seed) or 1
         words[cw] = check
         return check
 
     def _zero_slot_locked(self, slot: int) -> None:
         words = self.words
-        words[W_JOURNAL] = (OP_SLOT << 56) | slot
-        words[self._checks_w + slot] = 0
+        words[W_JOURNAL] = _OP_SLOT_BITS | slot
+        cw = self._rec_w + slot * self._rw
+        words[cw] = 0
         t = self._tags + slot * TAG_SIZE
         self._buf[t : t + TAG_SIZE] = ZERO_TAG
-        words[self._metas_w + slot] = 0
+        words[cw + 1] = 0
 
     def remove_locked(self, tag: bytes, home: int) -> bool:
         slot = self.find(tag, home)
@@ -233,24 +249,28 @@ class Table:
         """Empty every slot. Journaled, so a holder killed half-way is finished by recovery."""
         words = self.words
         words[W_JOURNAL] = OP_CLEAR << 56
-        # Checks first: from the first zeroed check on, those slots read as misses.
-        self._zero_range(self._checks_w * 8, self._phys * 8)
-        self._zero_range(self._tags, self._phys * TAG_SIZE)
-        self._zero_range(self._metas_w * 8, self._phys * 8)
+        # Checks first: from the first zeroed check on, those slots read as misses. Values
+        # are left as they are: a zero check already makes them unreadable.
+        self._zero_words(self._rec_w, self._rw)
+        self._zero_words(self._tags // 8, 1, self._phys * TAG_SIZE // 8)
+        self._zero_words(self._rec_w + 1, self._rw)
         words[W_JOURNAL] = OP_NONE
 
-    def _zero_range(self, start: int, length: int) -> None:
-        zeros = bytes(min(length, _CLEAR_CHUNK))
-        end = start + length
-        while start < end:
-            n = min(len(zeros), end - start)
-            self._buf[start : start + n] = zeros[:n]
-            start += n
+    def _zero_words(self, first: int, step: int, count: int | None = None) -> None:
+        """Zero ``count`` words (default: one per slot) from ``first``, ``step`` apart."""
+        count = self._phys if count is None else count
+        zeros = memoryview(bytes(8 * min(count, _CLEAR_CHUNK))).cast("Q")
+        done = 0
+        while done < count:
+            n = min(len(zeros), count - done)
+            start = first + done * step
+            self.words[start : start + n * step : step] = zeros[:n]
+            done += n
 
     def purge_locked(self, start: int, stop: int, now_ms: int) -> int:
         """Reclaim expired or invalid slots in ``[start, stop)``; returns how many."""
         words = self.words
-        checks_w, metas_w = self._checks_w, self._metas_w
+        rec_w, rw = self._rec_w, self._rw
         reclaimed = 0
         stop = min(stop, self._phys)
         tags = self._tags
@@ -258,7 +278,8 @@ class Table:
             t = tags + slot * TAG_SIZE
             if self._buf[t : t + TAG_SIZE] == ZERO_TAG:
                 continue
-            if not words[checks_w + slot] or (words[metas_w + slot] >> NONCE_BITS) <= now_ms:
+            cw = rec_w + slot * rw
+            if not words[cw] or (words[cw + 1] >> NONCE_BITS) <= now_ms:
                 self._zero_slot_locked(slot)
                 reclaimed += 1
         return reclaimed
@@ -287,7 +308,7 @@ class Table:
         """What is wrong with one slot, or None (empty or a whole, well-placed entry)."""
         t = self._tags + slot * TAG_SIZE
         tag = bytes(self._buf[t : t + TAG_SIZE])
-        check = self.words[self._checks_w + slot]
+        check = self.words[self._rec_w + slot * self._rw]
         if tag == ZERO_TAG:
             if check:
                 return f"slot {slot}: empty tag but a check word is set"
@@ -310,7 +331,7 @@ class Table:
         for slot in range(self._phys):
             t = tags + slot * TAG_SIZE
             tag = bytes(buf[t : t + TAG_SIZE])
-            if tag == ZERO_TAG and not self.words[self._checks_w + slot]:
+            if tag == ZERO_TAG and not self.words[self._rec_w + slot * self._rw]:
                 continue
             if tag in seen:
                 bad.append(slot)
@@ -332,8 +353,9 @@ class Table:
     def census(self, now_ms: int) -> dict[str, int]:
         """Counts of live, expired, empty and invalid slots (lock-free, approximate if busy)."""
         phys = self._phys
-        checks = self.words[self._checks_w : self._checks_w + phys].tolist()
-        metas = self.words[self._metas_w : self._metas_w + phys].tolist()
+        first, step = self._rec_w, self._rw
+        checks = self.words[first : first + phys * step : step].tolist()
+        metas = self.words[first + 1 : first + 1 + phys * step : step].tolist()
         live = expired = invalid = 0
         for check, meta in zip(checks, metas):
             if not check:
