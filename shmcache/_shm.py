@@ -118,7 +118,8 @@ class SharedMemorySessionCache:
         self._info = info
         self._table = Table(segment.mm, geo, info.tag_seed, info.check_seed)
         self._words = self._table.words
-        self._checks_w = self._table.check_word_index(0)
+        self._rec_w = self._table.check_word_index(0)  # slot i's check: _rec_w + i * _rw
+        self._rw = self._table.check_word_index(1) - self._rec_w
         self._lock = SegmentLock(
             segment.sem, self._words, segment.fd, self._table.repair_locked, timeout=lock_timeout
         )
@@ -323,7 +324,7 @@ class SharedMemorySessionCache:
         local = self._local
         if len(local) >= self._max_local and token not in local:
             self._prune_local()
-        local[token] = (session, self._checks_w + slot, check, expiry_ms / 1000)
+        local[token] = (session, self._rec_w + slot * self._rw, check, expiry_ms / 1000)
 
     def invalidate(self, token: str) -> None:
         """Drop ``token`` everywhere: once this returns, ``get`` misses in every process.
@@ -400,7 +401,7 @@ class SharedMemorySessionCache:
             "expired": census["expired"],
             "invalid": census["invalid"],
             "tombstones": 0,  # removals zero their slot: this table has none
-            "load_factor": occupied / geo.nslots,
+            "load_factor": occupied / geo.physical_slots,
             "hits": self._hits,
             "misses": self._misses,
             "decode_errors": self._decode_errors,
@@ -521,7 +522,7 @@ class SharedMemorySessionCache:
         local = self._local
         if len(local) >= self._max_local and token not in local:
             self._prune_local()
-        local[token] = (session, self._checks_w + slot, check, expiry_ms / 1000)
+        local[token] = (session, self._rec_w + slot * self._rw, check, expiry_ms / 1000)
 
     def _prune_local(self) -> None:
         """Bound the per-process map: drop entries the table no longer vouches for, then

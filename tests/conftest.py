@@ -1,0 +1,68 @@
+"""Shared fixtures: unique segment names, cleaned up even when a test fails."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+
+import posix_ipc
+import pytest
+
+from shmcache import SharedMemorySessionCache
+
+
+class FakeClock:
+    """A clock tests move by hand (seconds, like time.monotonic)."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _unlink(name: str) -> None:
+    for fn in (posix_ipc.unlink_shared_memory, posix_ipc.unlink_semaphore):
+        try:
+            fn("/" + name)
+        except posix_ipc.ExistentialError:
+            pass
+
+
+@pytest.fixture
+def segment_name() -> Iterator[str]:
+    """A fresh name (nothing in /dev/shm yet); both names are removed after the test."""
+    name = f"shmcache-test-{os.getpid()}-{uuid.uuid4().hex[:10]}"
+    yield name
+    _unlink(name)
+
+
+@pytest.fixture
+def make_name() -> Iterator[Callable[[], str]]:
+    """Factory of fresh names, for tests that need several segments."""
+    names: list[str] = []
+
+    def make() -> str:
+        name = f"shmcache-test-{os.getpid()}-{uuid.uuid4().hex[:10]}"
+        names.append(name)
+        return name
+
+    yield make
+    for name in names:
+        _unlink(name)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def shm_cache(segment_name: str, clock: FakeClock) -> Iterator[SharedMemorySessionCache]:
+    cache = SharedMemorySessionCache.create(segment_name, capacity=1024, clock=clock)
+    yield cache
+    cache.close()
