@@ -47,6 +47,7 @@ import math
 import struct
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from ._errors import IncompatibleSegment, InvalidArgument
 
@@ -170,7 +171,7 @@ class HeaderInfo:
     pidns: int
 
 
-def read_header(buf: bytes | bytearray | memoryview, actual_size: int) -> HeaderInfo:
+def read_header(buf: Any, actual_size: int) -> HeaderInfo:
     """Parse and validate the header; raise ``IncompatibleSegment`` saying what is wrong.
 
     Every number that later bounds an offset is checked here, once, against the size the

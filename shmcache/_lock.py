@@ -136,7 +136,7 @@ class SegmentLock:
             if old_mask is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
-    def _wait_loop(self, old_mask: set[signal.Signals] | None) -> int:
+    def _wait_loop(self, old_mask: Any) -> int:
         words = self._words
         observed = (words[W_OWNER], words[W_GEN])
         since = time.monotonic()

@@ -11,6 +11,7 @@ it when that process exits (an admin command that looked at a live segment delet
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -89,10 +90,8 @@ class Segment:
 
 
 def _ignore_missing(fn: Callable[[str], None], name: str) -> None:
-    try:
+    with contextlib.suppress(posix_ipc.ExistentialError):
         fn(name)
-    except posix_ipc.ExistentialError:
-        pass
 
 
 def create(name: str, size: int, mode: int, init: Callable[[mmap.mmap], None]) -> Segment:
@@ -162,7 +161,9 @@ def attach(name: str, *, owner_uid: int | None, allow_writable_by_others: bool) 
     try:
         shm = posix_ipc.SharedMemory(pname)
     except posix_ipc.ExistentialError:
-        raise SegmentNotFound(f"no shmcache segment named {name!r} ({segment_path(name)})") from None
+        raise SegmentNotFound(
+            f"no shmcache segment named {name!r} ({segment_path(name)})"
+        ) from None
     except posix_ipc.PermissionsError:
         raise SegmentPermissionError(
             f"no permission to open {segment_path(name)} (it belongs to another user?)"

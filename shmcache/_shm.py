@@ -288,7 +288,7 @@ class SharedMemorySessionCache:
         if not token:
             raise InvalidArgument("token must not be empty")
         ttl = ttl_seconds
-        if type(ttl) is not float and type(ttl) is not int or not 0 < ttl < math.inf:
+        if (type(ttl) is not float and type(ttl) is not int) or not 0 < ttl < math.inf:
             ttl = _ttl(ttl_seconds)  # the general (and the error) path
         value: bytes | None = None
         oversize = False

@@ -10,9 +10,9 @@ removal simply zeroes its slot: there are no tombstones to pile up under churn, 
 probe touches at most ``W`` slots whatever the bytes in the segment say.
 
 Lock-free reads (why a reader never accepts half a slot): a writer first stores 0 in the
-slot's check word, then the tag, meta and value, then the new check (see ``_layout``), which is a keyed
-64-bit hash of tag|meta|value. A reader copies the slot and accepts it only if the check
-it read matches the hash of the bytes it read. A copy that mixes two writes (or a write
+slot's check word, then the tag, meta and value, then the new check (see ``_layout``),
+which is a keyed 64-bit hash of tag|meta|value. A reader copies the slot and accepts it
+only if the check it read matches the hash of the bytes it read. A copy that mixes two writes (or a write
 cut short by a SIGKILL) matches only by a 2**-64 accident, whatever order the CPU makes
 the loads and stores visible in. A reader that already knows a slot (the per-process map
 of the cache) compares the single check word: checks are unique per write (the meta holds
@@ -93,7 +93,8 @@ class Table:
         return int.from_bytes(tag, "little") % self._nslots
 
     def _checksum(self, tag: bytes, meta: int, value_area: bytes) -> int:
-        return _xxh64(tag + meta.to_bytes(8, "little") + value_area, self._check_seed) or 1
+        check: int = _xxh64(tag + meta.to_bytes(8, "little") + value_area, self._check_seed)
+        return check or 1
 
     def check_word_index(self, slot: int) -> int:
         """Index in ``words`` of a slot's check: the one word a known-slot reader compares."""
@@ -111,7 +112,7 @@ class Table:
         while pos >= 0:
             rel = pos - base
             if not rel % TAG_SIZE:
-                return rel // TAG_SIZE
+                return int(rel // TAG_SIZE)
             pos = buf.find(tag, pos + 1, end)  # a match straddling two tags: keep looking
         return -1
 
@@ -357,7 +358,7 @@ class Table:
         checks = self.words[first : first + phys * step : step].tolist()
         metas = self.words[first + 1 : first + 1 + phys * step : step].tolist()
         live = expired = invalid = 0
-        for check, meta in zip(checks, metas):
+        for check, meta in zip(checks, metas, strict=True):
             if not check:
                 if meta:
                     invalid += 1
