@@ -12,11 +12,12 @@ probe touches at most ``W`` slots whatever the bytes in the segment say.
 Lock-free reads (why a reader never accepts half a slot): a writer first stores 0 in the
 slot's check word, then the tag, meta and value, then the new check (see ``_layout``),
 which is a keyed 64-bit hash of tag|meta|value. A reader copies the slot and accepts it
-only if the check it read matches the hash of the bytes it read. A copy that mixes two writes (or a write
-cut short by a SIGKILL) matches only by a 2**-64 accident, whatever order the CPU makes
-the loads and stores visible in. A reader that already knows a slot (the per-process map
-of the cache) compares the single check word: checks are unique per write (the meta holds
-a 20-bit nonce from the lock generation) so an equal check means "unchanged since".
+only if the check it read matches the hash of the bytes it read. A copy that mixes two
+writes (or a write cut short by a SIGKILL) matches only by a 2**-64 accident, whatever
+order the CPU makes the loads and stores visible in. A reader that already knows a slot
+(the per-process map of the cache) compares the single check word: checks are unique per
+write (the meta holds a 20-bit nonce from the lock generation), so an equal check means
+"unchanged since".
 """
 
 from __future__ import annotations
