@@ -1,8 +1,8 @@
 """The binary format of a shmcache segment: the only module that knows where bytes go.
 
-A segment is one header page followed by two slot arrays: the tags, contiguous so that one
-``find`` call in C scans a whole probe window, and the records, where each slot's check,
-meta and value sit side by side (one cache line to touch on a write or a lookup)::
+A segment is one header page followed by three slot arrays: the tags, contiguous so that
+one ``find`` call in C scans a whole probe window; the check words, dense, because a cached
+``get`` reads only that word; and the records (expiry and value side by side)::
 
     offset 0      +------------------------------------------------------------+
                   | header (HEADER_SIZE = 4096 bytes)                          |
@@ -16,20 +16,20 @@ meta and value sit side by side (one cache line to touch on a write or a lookup)
                   | 128.. mutable words, one aligned 8-byte store each:        |
                   |  128 lock owner  136 lock generation  144 journal          |
                   |  152 evictions   160 lock recoveries  168 oversize values  |
-                  |  176 clears      184..511 reserved (zero)                  |
+                  |  176 clears      184..4095 reserved (zero)                 |
     TAGS = 4096   +------------------------------------------------------------+
                   | P = N + W - 1 tags of 16 bytes: keyed xxh3-128 of the      |
                   | token; all zero = empty slot                               |
-    RECORDS       +------------------------------------------------------------+
-                  | P records of RECORD_STRIDE bytes:                          |
-                  |   +0  check u64: keyed xxh3-64 of tag|meta|value, 0=invalid |
-                  |   +8  meta  u64: expiry in ms << 20 | 20-bit write nonce   |
-                  |   +16 value area (only if value size > 0): u32 length      |
+    CHECKS        | P check words (u64): keyed xxh3-64 of tag|meta|value area; |
+                  | 0 = no valid entry                                         |
+    RECORDS       | P records of RECORD_STRIDE bytes:                          |
+                  |   +0  meta u64: expiry in ms << 20 | 20-bit write nonce    |
+                  |   +8  value area (only if value size > 0): u32 length      |
                   |       (0xFFFFFFFF = no value) + bytes, padded to 8         |
                   +------------------------------------------------------------+
 
-In hash-only mode a slot is 32 bytes (16 tag + 16 record); at the 2/3 maximum load that
-is 48 bytes of shared memory per session.
+In hash-only mode a slot is 32 bytes (tag 16, check 8, meta 8); at the 2/3 maximum load
+that is 48 bytes of shared memory per session.
 
 Byte order is little-endian throughout. The immutable header is packed with ``struct``;
 the mutable words and the check/meta arrays are read and written through a native ``'Q'``
@@ -135,15 +135,19 @@ class Geometry:
 
     @property
     def record_stride(self) -> int:
-        return 16 + self.value_stride
+        return 8 + self.value_stride
 
     @property
     def tags_offset(self) -> int:
         return HEADER_SIZE
 
     @property
-    def records_offset(self) -> int:
+    def checks_offset(self) -> int:
         return self.tags_offset + TAG_SIZE * self.physical_slots
+
+    @property
+    def records_offset(self) -> int:
+        return self.checks_offset + 8 * self.physical_slots
 
     @property
     def size(self) -> int:

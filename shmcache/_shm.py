@@ -118,8 +118,7 @@ class SharedMemorySessionCache:
         self._info = info
         self._table = Table(segment.mm, geo, info.tag_seed, info.check_seed)
         self._words = self._table.words
-        self._rec_w = self._table.check_word_index(0)  # slot i's check: _rec_w + i * _rw
-        self._rw = self._table.check_word_index(1) - self._rec_w
+        self._checks_w = self._table.check_word_index(0)  # slot i's check word: + i
         self._lock = SegmentLock(
             segment.sem, self._words, segment.fd, self._table.repair_locked, timeout=lock_timeout
         )
@@ -324,7 +323,7 @@ class SharedMemorySessionCache:
         local = self._local
         if len(local) >= self._max_local and token not in local:
             self._prune_local()
-        local[token] = (session, self._rec_w + slot * self._rw, check, expiry_ms / 1000)
+        local[token] = (session, self._checks_w + slot, check, expiry_ms / 1000)
 
     def invalidate(self, token: str) -> None:
         """Drop ``token`` everywhere: once this returns, ``get`` misses in every process.
@@ -522,18 +521,20 @@ class SharedMemorySessionCache:
         local = self._local
         if len(local) >= self._max_local and token not in local:
             self._prune_local()
-        local[token] = (session, self._rec_w + slot * self._rw, check, expiry_ms / 1000)
+        local[token] = (session, self._checks_w + slot, check, expiry_ms / 1000)
 
     def _prune_local(self) -> None:
         """Bound the per-process map: drop entries the table no longer vouches for, then
-        the oldest half if that was not enough (they are only a cache of a cache)."""
+        the oldest ones, down to half the bound, so that pruning stays amortised O(1) per
+        set (they are only a cache of a cache: a dropped entry is a miss, never an error)."""
         words, now = self._words, self._clock()
         local = self._local
         for token, (_, word, check, expires) in list(local.items()):
             if words[word] != check or now >= expires:
                 del local[token]
-        if len(local) >= self._max_local:
-            for token in list(local)[: len(local) // 2]:
+        excess = len(local) - self._max_local // 2
+        if excess > 0:
+            for token in list(local)[:excess]:
                 del local[token]
 
 

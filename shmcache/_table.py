@@ -72,9 +72,8 @@ class Table:
         self._window = g.window
         self._phys = g.physical_slots
         self._tags = g.tags_offset
-        self._records = g.records_offset
-        self._rstride = g.record_stride
-        self._rec_w = g.records_offset // 8  # word index of slot 0's check
+        self._checks_w = g.checks_offset // 8  # word index of slot 0's check
+        self._rec_w = g.records_offset // 8  # word index of slot 0's meta
         self._rw = g.record_stride // 8  # words per record
         self._vstride = g.value_stride
         self._value_size = g.value_size
@@ -99,7 +98,10 @@ class Table:
 
     def check_word_index(self, slot: int) -> int:
         """Index in ``words`` of a slot's check: the one word a known-slot reader compares."""
-        return self._rec_w + slot * self._rw
+        return self._checks_w + slot
+
+    def _value_offset(self, slot: int) -> int:
+        return (self._rec_w + slot * self._rw) * 8 + 8
 
     # -- lock-free reads -----------------------------------------------------------------
 
@@ -118,21 +120,19 @@ class Table:
         return -1
 
     def read_slot(self, slot: int) -> tuple[bytes, int, int, bytes | None] | None:
-        """A consistent copy ``(tag, meta, check, value_area)`` of a slot, or None if torn.
+        """A consistent copy ``(tag, meta, check, value)`` of a slot, or None if torn/invalid.
 
-        ``value_area`` is the length word plus the value bytes (None when the slot holds no
-        value or the length is out of range).
+        ``value`` is None when the slot holds no value (hash-only mode or an oversize one).
         """
-        cw = self._rec_w + slot * self._rw
-        check = self.words[cw]
+        check = self.words[self._checks_w + slot]
         if not check:
             return None
         t = self._tags + slot * TAG_SIZE
         tag = bytes(self._buf[t : t + TAG_SIZE])
-        meta = self.words[cw + 1]
+        meta = self.words[self._rec_w + slot * self._rw]
         area = b""
         if self._vstride:
-            v = self._records + slot * self._rstride + 16
+            v = self._value_offset(slot)
             length = int.from_bytes(self._buf[v : v + 4], "little")
             if length == NO_VALUE:
                 area = _NO_VALUE_BYTES
@@ -142,7 +142,8 @@ class Table:
                 return None
         if self._checksum(tag, meta, area) != check:
             return None
-        return tag, meta, check, (area if area and area != _NO_VALUE_BYTES else None)
+        value = area[4:] if area and area != _NO_VALUE_BYTES else None
+        return tag, meta, check, value
 
     def lookup(self, tag: bytes, home: int, now_ms: int) -> tuple[int, int, int, bytes | None]:
         """``(slot, check, expiry_ms, value)`` of a live entry; raises KeyError on a miss.
@@ -155,14 +156,14 @@ class Table:
         snap = self.read_slot(slot)
         if snap is None or snap[0] != tag:
             raise KeyError(tag)
-        _, meta, check, area = snap
+        _, meta, check, value = snap
         expiry = meta >> NONCE_BITS
         if now_ms >= expiry:
             raise KeyError(tag)
-        return slot, check, expiry, (area[4:] if area is not None else None)
+        return slot, check, expiry, value
 
     def check_of(self, slot: int) -> int:
-        return self.words[self._rec_w + slot * self._rw]
+        return int(self.words[self._checks_w + slot])
 
     # -- writes (caller holds the lock) --------------------------------------------------
 
@@ -195,35 +196,34 @@ class Table:
         return slot, self._write_slot_locked(slot, tag, meta, value)
 
     def _reclaim_window_locked(self, home: int, now_ms: int) -> int:
-        words = self.words
-        rec_w, rw = self._rec_w, self._rw
-        first_free = -1
-        victim, victim_expiry = home, MAX_EXPIRY_MS + 1
-        for slot in range(home, home + self._window):
-            cw = rec_w + slot * rw
-            expiry = words[cw + 1] >> NONCE_BITS
-            if not words[cw] or expiry <= now_ms:
-                self._zero_slot_locked(slot)
-                if first_free < 0:
-                    first_free = slot
-            elif expiry < victim_expiry:
-                victim, victim_expiry = slot, expiry
-        if first_free >= 0:
-            return first_free
+        """The window is full: reclaim every expired or invalid slot in it, else evict the
+        entry that expires soonest. Reads the window's words with two C-level slices."""
+        words, w = self.words, self._window
+        checks = words[self._checks_w + home : self._checks_w + home + w].tolist()
+        first_meta = self._rec_w + home * self._rw
+        metas = words[first_meta : first_meta + w * self._rw : self._rw].tolist()
+        # meta = expiry << 20 | nonce, so "expiry <= now" is "meta below this".
+        threshold = (now_ms + 1) << NONCE_BITS
+        if min(metas) < threshold or 0 in checks:
+            free = [i for i in range(w) if metas[i] < threshold or not checks[i]]
+            for i in free:
+                self._zero_slot_locked(home + i)
+            return home + free[0]
         words[W_EVICTIONS] = (words[W_EVICTIONS] + 1) & U64
-        return victim
+        return home + metas.index(min(metas))
 
     def _write_slot_locked(self, slot: int, tag: bytes, meta: int, value: bytes | None) -> int:
         words = self.words
         words[W_JOURNAL] = _OP_SLOT_BITS | slot
-        cw = self._rec_w + slot * self._rw
+        cw = self._checks_w + slot
         words[cw] = 0  # from here until the last store, every reader sees "invalid"
         t = self._tags + slot * TAG_SIZE
         self._buf[t : t + TAG_SIZE] = tag
-        words[cw + 1] = meta
+        mw = self._rec_w + slot * self._rw
+        words[mw] = meta
         if self._vstride:
             area = _NO_VALUE_BYTES if value is None else len(value).to_bytes(4, "little") + value
-            v = cw * 8 + 16
+            v = mw * 8 + 8
             self._buf[v : v + len(area)] = area
             check = _xxh64(tag + meta.to_bytes(8, "little") + area, self._check_seed) or 1
         else:
@@ -234,11 +234,10 @@ class Table:
     def _zero_slot_locked(self, slot: int) -> None:
         words = self.words
         words[W_JOURNAL] = _OP_SLOT_BITS | slot
-        cw = self._rec_w + slot * self._rw
-        words[cw] = 0
+        words[self._checks_w + slot] = 0
         t = self._tags + slot * TAG_SIZE
         self._buf[t : t + TAG_SIZE] = ZERO_TAG
-        words[cw + 1] = 0
+        words[self._rec_w + slot * self._rw] = 0
 
     def remove_locked(self, tag: bytes, home: int) -> bool:
         slot = self.find(tag, home)
@@ -253,9 +252,9 @@ class Table:
         words[W_JOURNAL] = OP_CLEAR << 56
         # Checks first: from the first zeroed check on, those slots read as misses. Values
         # are left as they are: a zero check already makes them unreadable.
-        self._zero_words(self._rec_w, self._rw)
+        self._zero_words(self._checks_w, 1)
         self._zero_words(self._tags // 8, 1, self._phys * TAG_SIZE // 8)
-        self._zero_words(self._rec_w + 1, self._rw)
+        self._zero_words(self._rec_w, self._rw)
         words[W_JOURNAL] = OP_NONE
 
     def _zero_words(self, first: int, step: int, count: int | None = None) -> None:
@@ -271,19 +270,24 @@ class Table:
 
     def purge_locked(self, start: int, stop: int, now_ms: int) -> int:
         """Reclaim expired or invalid slots in ``[start, stop)``; returns how many."""
-        words = self.words
-        rec_w, rw = self._rec_w, self._rw
-        reclaimed = 0
         stop = min(stop, self._phys)
+        if start >= stop:
+            return 0
+        words = self.words
+        checks = words[self._checks_w + start : self._checks_w + stop].tolist()
+        first_meta = self._rec_w + start * self._rw
+        metas = words[first_meta : first_meta + (stop - start) * self._rw : self._rw].tolist()
+        threshold = (now_ms + 1) << NONCE_BITS
+        reclaimed = 0
         tags = self._tags
-        for slot in range(start, stop):
-            t = tags + slot * TAG_SIZE
-            if self._buf[t : t + TAG_SIZE] == ZERO_TAG:
+        for i, (check, meta) in enumerate(zip(checks, metas, strict=True)):
+            if check and meta >= threshold:
                 continue
-            cw = rec_w + slot * rw
-            if not words[cw] or (words[cw + 1] >> NONCE_BITS) <= now_ms:
-                self._zero_slot_locked(slot)
-                reclaimed += 1
+            t = tags + (start + i) * TAG_SIZE
+            if not check and not meta and self._buf[t : t + TAG_SIZE] == ZERO_TAG:
+                continue  # already empty
+            self._zero_slot_locked(start + i)
+            reclaimed += 1
         return reclaimed
 
     def repair_locked(self) -> list[str]:
@@ -310,7 +314,7 @@ class Table:
         """What is wrong with one slot, or None (empty or a whole, well-placed entry)."""
         t = self._tags + slot * TAG_SIZE
         tag = bytes(self._buf[t : t + TAG_SIZE])
-        check = self.words[self._rec_w + slot * self._rw]
+        check = self.words[self._checks_w + slot]
         if tag == ZERO_TAG:
             if check:
                 return f"slot {slot}: empty tag but a check word is set"
@@ -330,10 +334,11 @@ class Table:
         bad: list[int] = []
         seen: dict[bytes, int] = {}
         buf, tags = self._buf, self._tags
+        checks = self.words[self._checks_w : self._checks_w + self._phys].tolist()
         for slot in range(self._phys):
             t = tags + slot * TAG_SIZE
             tag = bytes(buf[t : t + TAG_SIZE])
-            if tag == ZERO_TAG and not self.words[self._rec_w + slot * self._rw]:
+            if tag == ZERO_TAG and not checks[slot]:
                 continue
             if tag in seen:
                 bad.append(slot)
@@ -355,16 +360,15 @@ class Table:
     def census(self, now_ms: int) -> dict[str, int]:
         """Counts of live, expired, empty and invalid slots (lock-free, approximate if busy)."""
         phys = self._phys
-        first, step = self._rec_w, self._rw
-        checks = self.words[first : first + phys * step : step].tolist()
-        metas = self.words[first + 1 : first + 1 + phys * step : step].tolist()
+        checks = self.words[self._checks_w : self._checks_w + phys].tolist()
+        metas = self.words[self._rec_w : self._rec_w + phys * self._rw : self._rw].tolist()
+        threshold = (now_ms + 1) << NONCE_BITS
         live = expired = invalid = 0
         for check, meta in zip(checks, metas, strict=True):
             if not check:
                 if meta:
                     invalid += 1
-                continue
-            if meta >> NONCE_BITS > now_ms:
+            elif meta >= threshold:
                 live += 1
             else:
                 expired += 1

@@ -1,0 +1,427 @@
+"""The SessionCache contract, run against every backend, then SharedMemorySessionCache specifics.
+
+To add a backend (Redis...), add a factory to ``BACKENDS``: it takes the test's clock and a
+name factory and returns a cache object; the ``cache`` fixture closes it afterwards if it has
+a ``close`` method.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from shmcache import (
+    CacheClosed,
+    InMemorySessionCache,
+    InvalidArgument,
+    InvalidType,
+    NoOpSessionCache,
+    SegmentExists,
+    SegmentNotFound,
+    SessionCache,
+    SharedMemorySessionCache,
+    ShmCacheError,
+)
+
+START = 1000.0  # FakeClock's start (conftest)
+
+Factory = Callable[[Any, Callable[[], str]], Any]
+
+BACKENDS: dict[str, Factory] = {
+    "inmemory": lambda clock, make_name: InMemorySessionCache(clock=clock),
+    "shm-hash": lambda clock, make_name: SharedMemorySessionCache.create(
+        make_name(), capacity=256, clock=clock
+    ),
+    "shm-value": lambda clock, make_name: SharedMemorySessionCache.create(
+        make_name(), capacity=256, value_size=256, clock=clock
+    ),
+}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def cache(
+    request: pytest.FixtureRequest, clock: Any, make_name: Callable[[], str]
+) -> Iterator[Any]:
+    c = BACKENDS[request.param](clock, make_name)
+    yield c
+    close = getattr(c, "close", None)
+    if close is not None:
+        close()
+
+
+# -- the contract, every backend --------------------------------------------------------------
+
+
+def test_backends_satisfy_protocol(cache: Any) -> None:
+    assert isinstance(cache, SessionCache)
+    assert isinstance(NoOpSessionCache(), SessionCache)
+
+
+def test_get_missing_is_none(cache: Any) -> None:
+    assert cache.get("nobody") is None
+
+
+def test_set_then_get(cache: Any) -> None:
+    session = {"user": "alice", "roles": ["admin"]}
+    cache.set("tok-a", session, 60)
+    assert cache.get("tok-a") == session
+    assert cache.get("tok-b") is None
+
+
+def test_overwrite_returns_latest(cache: Any) -> None:
+    cache.set("tok", {"v": 1}, 60)
+    cache.set("tok", {"v": 2}, 60)
+    assert cache.get("tok") == {"v": 2}
+    cache.set("tok", {"v": 3}, 0.5)
+    assert cache.get("tok") == {"v": 3}
+
+
+def test_invalidate(cache: Any) -> None:
+    cache.set("a", "sa", 60)
+    cache.set("b", "sb", 60)
+    cache.invalidate("a")
+    assert cache.get("a") is None
+    assert cache.get("b") == "sb"
+
+
+def test_invalidate_missing_is_noop(cache: Any) -> None:
+    cache.set("a", "sa", 60)
+    cache.invalidate("never-set")
+    cache.invalidate("never-set")
+    assert cache.get("a") == "sa"
+
+
+def test_set_after_invalidate(cache: Any) -> None:
+    cache.set("a", "old", 60)
+    cache.invalidate("a")
+    cache.set("a", "new", 60)
+    assert cache.get("a") == "new"
+
+
+def test_clear_drops_everything(cache: Any) -> None:
+    for i in range(20):
+        cache.set(f"t{i}", i, 60)
+    cache.clear()
+    assert all(cache.get(f"t{i}") is None for i in range(20))
+    cache.set("t1", "after", 60)
+    assert cache.get("t1") == "after"
+
+
+def test_expiry_millisecond_resolution(cache: Any, clock: Any) -> None:
+    assert clock.now == START
+    cache.set("tok", "s", 0.3)
+    cache.set("long", "l", 10)
+    clock.now = 1000.299
+    assert cache.get("tok") == "s"
+    clock.now = 1000.3
+    assert cache.get("tok") is None
+    assert cache.get("long") == "l"
+    clock.now = 1000.299  # an expired entry stays gone (it was dropped or reclaimed)
+    assert cache.get("tok") in (None, "s")
+
+
+def test_expiry_is_per_set(cache: Any, clock: Any) -> None:
+    cache.set("tok", "first", 1)
+    clock.now = 1000.5
+    cache.set("tok", "second", 1)  # re-setting restarts the TTL
+    clock.now = 1001.2
+    assert cache.get("tok") == "second"
+    clock.now = 1001.5
+    assert cache.get("tok") is None
+
+
+# -- SharedMemorySessionCache specifics -------------------------------------------------------
+
+
+@pytest.fixture(params=[0, 256], ids=["hash", "value"])
+def shm(
+    request: pytest.FixtureRequest, segment_name: str, clock: Any
+) -> Iterator[SharedMemorySessionCache]:
+    c = SharedMemorySessionCache.create(
+        segment_name, capacity=64, value_size=request.param, clock=clock
+    )
+    yield c
+    c.close()
+
+
+def _snapshot(c: SharedMemorySessionCache) -> dict[str, Any]:
+    s = c.stats()
+    keep = ("entries", "expired", "invalid", "evictions", "oversize", "clears")
+    return {k: s[k] for k in keep}
+
+
+@pytest.mark.parametrize(
+    "token", ["", "x" * (1 << 20), "\ud800", "a\udfffb", "\x00", "é" * 300, "never-set"]
+)
+def test_get_any_str_is_a_miss(shm: SharedMemorySessionCache, token: str) -> None:
+    shm.set("present", "p", 60)
+    assert shm.get(token) is None
+    assert shm.get("present") == "p"
+
+
+def test_surrogate_token_roundtrip(shm: SharedMemorySessionCache) -> None:
+    shm.set("\ud800", "s", 60)
+    assert shm.get("\ud800") == "s"
+    shm.invalidate("\ud800")
+    assert shm.get("\ud800") is None
+
+
+@pytest.mark.parametrize("token", [b"tok", 1, None, 1.5, ("t",), ["t"]])
+def test_non_str_token_is_type_error(shm: SharedMemorySessionCache, token: Any) -> None:
+    with pytest.raises(TypeError):
+        shm.get(token)
+    with pytest.raises(TypeError):
+        shm.set(token, "s", 60)
+    with pytest.raises(TypeError):
+        shm.invalidate(token)
+
+
+@pytest.mark.parametrize("token", [b"tok", 1, None])
+def test_non_str_token_error_is_shmcache_error(shm: SharedMemorySessionCache, token: Any) -> None:
+    with pytest.raises(InvalidType):
+        shm.set(token, "s", 60)
+    with pytest.raises(InvalidType):
+        shm.invalidate(token)
+
+
+@pytest.mark.parametrize(
+    ("token", "ttl"),
+    [
+        ("", 60),
+        ("tok", 0),
+        ("tok", -1),
+        ("tok", 0.0),
+        ("tok", float("nan")),
+        ("tok", float("inf")),
+        ("tok", float("-inf")),
+        ("tok", "10"),
+        ("tok", None),
+        ("tok", True),
+        ("keep", 0),
+        ("keep", float("nan")),
+    ],
+)
+def test_set_rejects_bad_input_and_changes_nothing(
+    shm: SharedMemorySessionCache, token: str, ttl: Any
+) -> None:
+    shm.set("keep", "kept", 60)
+    before = _snapshot(shm)
+    with pytest.raises(ValueError) as info:
+        shm.set(token, "new", ttl)
+    assert isinstance(info.value, ShmCacheError)
+    assert isinstance(info.value, InvalidArgument)
+    assert _snapshot(shm) == before
+    assert shm.check() == []
+    assert shm.get("keep") == "kept"
+    if token:
+        assert shm.get(token) == ("kept" if token == "keep" else None)
+
+
+@pytest.mark.parametrize(
+    "ttl", [1e300, 1e306, sys.float_info.max, 10**400], ids=["1e300", "1e306", "max", "10**400"]
+)
+def test_set_accepts_huge_finite_ttl(shm: SharedMemorySessionCache, ttl: float) -> None:
+    # "a TTL that is not a finite positive number raises ValueError": these are finite
+    # and positive, so they are accepted (and clamped to the layout's maximum expiry).
+    shm.set("tok", "s", ttl)
+    assert shm.get("tok") == "s"
+    assert shm.check() == []
+
+
+def test_create_existing_name_fails(shm: SharedMemorySessionCache, segment_name: str) -> None:
+    shm.set("tok", "s", 60)
+    for name in (segment_name, "/" + segment_name):
+        with pytest.raises(SegmentExists) as info:
+            SharedMemorySessionCache.create(name, capacity=8)
+        assert isinstance(info.value, ShmCacheError)
+        assert isinstance(info.value, FileExistsError)
+    # the failed create left the existing segment alone
+    assert shm.get("tok") == "s"
+    with SharedMemorySessionCache.attach(segment_name) as other:
+        assert other.capacity == 64
+    assert shm.check() == []
+
+
+def test_attach_missing_name_fails(segment_name: str) -> None:
+    for name in (segment_name, "/" + segment_name):
+        with pytest.raises(SegmentNotFound) as info:
+            SharedMemorySessionCache.attach(name)
+        assert isinstance(info.value, ShmCacheError)
+        assert isinstance(info.value, FileNotFoundError)
+
+
+@pytest.mark.parametrize(("create_slash", "attach_slash"), [("/", ""), ("", "/"), ("/", "/")])
+def test_leading_slash_optional(
+    segment_name: str, clock: Any, create_slash: str, attach_slash: str
+) -> None:
+    with SharedMemorySessionCache.create(
+        create_slash + segment_name, capacity=8, value_size=64, clock=clock
+    ) as a, SharedMemorySessionCache.attach(attach_slash + segment_name, clock=clock) as b:
+        assert a.name == b.name
+        a.set("tok", "s", 60)
+        assert b.get("tok") == "s"
+
+
+def test_value_mode_shared_between_objects(segment_name: str, clock: Any) -> None:
+    with SharedMemorySessionCache.create(
+        segment_name, capacity=64, value_size=256, clock=clock
+    ) as a, SharedMemorySessionCache.attach(segment_name, clock=clock) as b:
+        a.set("tok", {"user": "alice"}, 60)
+        assert b.get("tok") == {"user": "alice"}
+        b.set("tok", {"user": "bob"}, 60)
+        assert a.get("tok") == {"user": "bob"}
+        assert b.get("tok") == {"user": "bob"}
+        a.invalidate("tok")
+        assert b.get("tok") is None
+        b.set("t2", 2, 60)
+        assert a.get("t2") == 2
+        b.clear()
+        assert a.get("t2") is None
+
+
+def test_hash_mode_is_per_object(segment_name: str, clock: Any) -> None:
+    with SharedMemorySessionCache.create(
+        segment_name, capacity=64, clock=clock
+    ) as a, SharedMemorySessionCache.attach(segment_name, clock=clock) as b:
+        a.set("tok", "sa", 60)
+        assert b.get("tok") is None
+        assert a.get("tok") == "sa"
+        b.set("tok", "sb", 60)  # a later set elsewhere: a must not return its older session
+        assert a.get("tok") is None
+        assert b.get("tok") == "sb"
+        a.set("t2", "x", 60)
+        b.invalidate("t2")
+        assert a.get("t2") is None
+
+
+def test_oversize_value(segment_name: str, clock: Any) -> None:
+    with SharedMemorySessionCache.create(
+        segment_name, capacity=64, value_size=64, clock=clock
+    ) as a, SharedMemorySessionCache.attach(segment_name, clock=clock) as b:
+        small, big = "s", "x" * 1000
+        a.set("tok", small, 60)
+        assert b.get("tok") == small
+        assert a.stats()["oversize"] == 0
+        a.set("tok", big, 60)
+        assert a.get("tok") == big
+        assert b.get("tok") is None  # never the older small session
+        assert a.stats()["oversize"] == 1
+        assert b.stats()["oversize"] == 1
+        assert a.check() == []
+        assert b.check() == []
+        a.set("tok", small, 60)
+        assert b.get("tok") == small
+
+
+class _BadDecode:
+    def encode(self, obj: Any) -> bytes:
+        return pickle.dumps(obj)
+
+    def decode(self, data: bytes) -> Any:
+        raise RuntimeError("cannot decode")
+
+
+def test_codec_decode_error_is_a_miss(segment_name: str, clock: Any) -> None:
+    with SharedMemorySessionCache.create(
+        segment_name, capacity=64, value_size=128, codec=_BadDecode(), clock=clock
+    ) as a, SharedMemorySessionCache.attach(segment_name, codec=_BadDecode(), clock=clock) as b:
+        a.set("tok", "s", 60)
+        assert a.get("tok") == "s"  # the setter keeps its own object
+        assert b.get("tok") is None
+        assert b.get("tok") is None
+        assert b.stats()["decode_errors"] >= 1
+
+
+def test_context_manager_closes(segment_name: str, clock: Any) -> None:
+    with SharedMemorySessionCache.create(segment_name, capacity=8, clock=clock) as c:
+        c.set("tok", "s", 60)
+        assert not c.closed
+    assert c.closed
+    with pytest.raises(ShmCacheError):
+        c.set("tok", "s", 60)
+
+
+def test_use_after_close(shm: SharedMemorySessionCache) -> None:
+    shm.set("tok", "s", 60)
+    shm.close()
+    shm.close()  # idempotent
+    with pytest.raises(CacheClosed):
+        shm.set("tok", "s", 60)
+    for call in (shm.invalidate, shm.get):
+        with pytest.raises(ShmCacheError):
+            call("tok")
+    for method in (shm.clear, shm.stats, shm.check, shm.purge):
+        with pytest.raises(ShmCacheError):
+            method()
+
+
+def test_pickle_attaches_same_segment(segment_name: str) -> None:
+    # real clock here: the clone attaches with time.monotonic
+    with SharedMemorySessionCache.create(segment_name, capacity=64, value_size=128) as a:
+        a.set("tok", "s", 3600)
+        clone = pickle.loads(pickle.dumps(a))
+        try:
+            assert isinstance(clone, SharedMemorySessionCache)
+            assert clone is not a
+            assert clone.name == a.name
+            assert clone.value_size == 128
+            assert clone.get("tok") == "s"
+            clone.invalidate("tok")
+            assert a.get("tok") is None
+            clone.set("t2", "c", 3600)
+            assert a.get("t2") == "c"
+        finally:
+            clone.close()
+
+
+def test_stats_fields(shm: SharedMemorySessionCache) -> None:
+    shm.set("a", 1, 60)
+    shm.get("a")
+    shm.get("b")
+    s = shm.stats()
+    for key in ("capacity", "entries", "hits", "misses", "evictions", "lock_recoveries"):
+        assert type(s[key]) is int, key
+    assert s["capacity"] == 64
+    assert s["entries"] == 1
+    assert s["hits"] >= 1
+    assert s["misses"] >= 1
+    assert s["evictions"] == 0
+    assert s["lock_recoveries"] == 0
+
+
+def test_full_table_evicts(make_name: Callable[[], str], clock: Any) -> None:
+    for value_size in (0, 64):
+        with SharedMemorySessionCache.create(
+            make_name(), capacity=8, value_size=value_size, clock=clock
+        ) as c:
+            for i in range(200):
+                c.set(f"tok-{i}", i, 100 + i)  # increasing TTLs: the newest expires last
+                assert c.get(f"tok-{i}") == i
+            s = c.stats()
+            assert s["evictions"] > 0
+            assert s["entries"] <= s["slots"]
+            assert c.get("tok-199") == 199
+            assert c.check() == []
+            hits = sum(c.get(f"tok-{i}") == i for i in range(200))
+            assert hits == s["entries"]
+
+
+def test_expired_entries_are_reclaimed(shm: SharedMemorySessionCache, clock: Any) -> None:
+    for i in range(10):
+        shm.set(f"short-{i}", i, 1)
+    shm.set("long", "l", 100)
+    assert shm.stats()["entries"] == 11
+    clock.now = START + 1
+    s = shm.stats()
+    assert s["entries"] == 1
+    assert s["expired"] == 10
+    assert shm.purge() == 10
+    s = shm.stats()
+    assert (s["entries"], s["expired"]) == (1, 0)
+    assert shm.purge() == 0
+    assert shm.get("long") == "l"
+    assert shm.check() == []

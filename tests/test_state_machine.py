@@ -1,0 +1,210 @@
+"""SharedMemorySessionCache against a dict model, driven by hypothesis.
+
+Two cache objects share one segment (``a`` created it, ``b`` attached), as two worker
+processes would, with one FakeClock. The model keeps, per token, the latest session set,
+its expiry in ms and which object set it.
+
+* Small table (capacity 16, pool of 40 tokens): the window and eviction paths run. A get
+  may miss a token the model holds only as an eviction: each such loss is checked against
+  ``stats()["evictions"]`` (every eviction removes exactly one live entry). A get must never
+  return a session the model says is invalidated, expired or cleared, nor any session other
+  than the latest set.
+* Large table: no eviction may happen, and every get must match the model exactly.
+
+In hash mode a session is only visible to the object that set it; in value mode to both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from conftest import FakeClock
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from shmcache import SharedMemorySessionCache
+
+START_MS = 1_000_000
+
+SMALL_POOL = [f"tok-{i}" for i in range(40)] + ["", "\ud800", "x" * 300]
+LARGE_POOL = [f"tok-{i}" for i in range(12)] + ["\ud800", "x" * 300]
+
+tickets = st.one_of(st.integers(1, 2_000), st.integers(2_000, 600_000))  # ttl in ms
+advances = st.one_of(st.integers(0, 50), st.integers(0, 5_000))
+which = st.sampled_from(["a", "b"])
+
+
+class CacheModel(RuleBasedStateMachine):
+    """Parametrized by class attributes; see ``_run``."""
+
+    make_name: Callable[[], str]
+    capacity: int
+    value_size: int
+    pool: list[str]
+    may_evict: bool
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now_ms = START_MS
+        self.clock = FakeClock(START_MS / 1000)
+        self.a = SharedMemorySessionCache.create(
+            self.make_name(), capacity=self.capacity, value_size=self.value_size,
+            clock=self.clock,
+        )
+        self.b = SharedMemorySessionCache.attach(self.a.name, clock=self.clock)
+        # token -> (session, expiry_ms, setter)
+        self.model: dict[str, tuple[tuple[str, int], int, str]] = {}
+        self.serial = 0
+        self.lost = 0  # live model entries found evicted
+
+    def teardown(self) -> None:
+        self.b.close()
+        self.a.close()
+        self.a.unlink()
+
+    def obj(self, name: str) -> SharedMemorySessionCache:
+        return self.a if name == "a" else self.b
+
+    @initialize()
+    def start_empty(self) -> None:
+        assert self.a.stats()["entries"] == 0
+
+    @rule(who=which, token=st.data(), ttl_ms=tickets)
+    def set(self, who: str, token: st.DataObject, ttl_ms: int) -> None:
+        tok = token.draw(st.sampled_from(self.pool))
+        self.serial += 1
+        session = (tok, self.serial)
+        if not tok:
+            with pytest.raises(ValueError):
+                self.obj(who).set(tok, session, ttl_ms / 1000)
+            return
+        self.obj(who).set(tok, session, ttl_ms / 1000)
+        self.model[tok] = (session, self.now_ms + ttl_ms, who)
+
+    @rule(who=which, data=st.data(), ttl_ms=tickets)
+    def set_many(self, who: str, data: st.DataObject, ttl_ms: int) -> None:
+        """A burst of sets: fills the small table so that windows overflow."""
+        toks = data.draw(st.lists(st.sampled_from([t for t in self.pool if t]), min_size=5, max_size=30))
+        for i, tok in enumerate(toks):
+            self.serial += 1
+            session = (tok, self.serial)
+            self.obj(who).set(tok, session, (ttl_ms + i) / 1000)
+            self.model[tok] = (session, self.now_ms + ttl_ms + i, who)
+
+    @rule(who=which)
+    def get_all(self, who: str) -> None:
+        for tok in self.pool:
+            self.get(who, tok)
+
+    @rule(who=which, token=st.data())
+    def get_one(self, who: str, token: st.DataObject) -> None:
+        self.get(who, token.draw(st.sampled_from(self.pool)))
+
+    def get(self, who: str, tok: str) -> None:
+        got = self.obj(who).get(tok)
+        entry = self.model.get(tok)
+        if entry is None or entry[1] <= self.now_ms:
+            assert got is None, f"{tok!r}: got {got!r}, model says gone"
+            return
+        session, _, setter = entry
+        visible = self.value_size > 0 or setter == who
+        if not visible:
+            assert got is None, f"{tok!r}: {who} got {got!r}, set by {setter} (hash mode)"
+            return
+        if got is None:
+            assert self.may_evict, f"{tok!r}: live session {session!r} missed"
+            self.lost += 1
+            evictions = self.a.stats()["evictions"]
+            assert self.lost <= evictions, f"{tok!r} lost, evictions={evictions}"
+            del self.model[tok]  # gone from the table: it must now miss everywhere
+            return
+        assert got == session, f"{tok!r}: got {got!r}, latest set is {session!r}"
+
+    @rule(who=which, token=st.data())
+    def invalidate(self, who: str, token: st.DataObject) -> None:
+        tok = token.draw(st.sampled_from(self.pool))
+        self.obj(who).invalidate(tok)
+        self.model.pop(tok, None)
+
+    @precondition(lambda self: self.model)
+    @rule(who=which, data=st.data())
+    def invalidate_known(self, who: str, data: st.DataObject) -> None:
+        tok = data.draw(st.sampled_from(sorted(self.model)))
+        self.obj(who).invalidate(tok)
+        del self.model[tok]
+        assert self.a.get(tok) is None
+        assert self.b.get(tok) is None
+
+    @rule(who=which)
+    def clear(self, who: str) -> None:
+        self.obj(who).clear()
+        self.model.clear()
+
+    @rule(ms=advances)
+    def advance(self, ms: int) -> None:
+        self.now_ms += ms
+        self.clock.now = self.now_ms / 1000
+
+    @rule()
+    def purge(self) -> None:
+        expired = sum(1 for _, e, _ in self.model.values() if e <= self.now_ms)
+        reclaimed = self.a.purge()
+        if not self.may_evict:
+            assert reclaimed == expired
+        self.model = {k: v for k, v in self.model.items() if v[1] > self.now_ms}
+
+    @invariant()
+    def whole(self) -> None:
+        assert self.a.check() == []
+        stats = self.b.stats()
+        assert stats["invalid"] == 0
+        if not self.may_evict:
+            assert stats["evictions"] == 0
+            live = sum(1 for _, e, _ in self.model.values() if e > self.now_ms)
+            assert stats["entries"] == live
+        else:
+            assert stats["entries"] <= stats["slots"]
+
+
+def _run(make_name: Callable[[], str], capacity: int, value_size: int, examples: int) -> None:
+    class Machine(CacheModel):
+        pass
+
+    Machine.make_name = staticmethod(make_name)  # type: ignore[assignment]
+    Machine.capacity = capacity
+    Machine.value_size = value_size
+    Machine.pool = SMALL_POOL if capacity <= 64 else LARGE_POOL
+    Machine.may_evict = capacity <= 64
+    run_state_machine_as_test(
+        Machine,
+        settings=settings(max_examples=examples, stateful_step_count=60, deadline=None),
+    )
+
+
+@pytest.mark.parametrize("value_size", [0, 256], ids=["hash", "value"])
+def test_small_table_against_model(make_name: Callable[[], str], value_size: int) -> None:
+    _run(make_name, capacity=16, value_size=value_size, examples=80)
+
+
+@pytest.mark.parametrize("value_size", [0, 256], ids=["hash", "value"])
+def test_large_table_matches_model_exactly(make_name: Callable[[], str], value_size: int) -> None:
+    _run(make_name, capacity=128, value_size=value_size, examples=50)
+
+
+def test_small_table_really_evicts(make_name: Callable[[], str]) -> None:
+    """The small machine's eviction allowance is not vacuous: its pool overfills the table."""
+    clock = FakeClock()
+    with SharedMemorySessionCache.create(make_name(), capacity=16, clock=clock) as c:
+        for tok in SMALL_POOL[:40]:
+            c.set(tok, tok, 10)
+        assert c.stats()["evictions"] > 0
+        assert c.check() == []
