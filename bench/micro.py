@@ -89,7 +89,7 @@ def main() -> int:
         f"python {platform.python_version()}, {os.cpu_count()} CPUs, posix_ipc "
         f"{posix_ipc.VERSION}, xxhash {xxhash.VERSION}, {args.n} tokens, best of {args.repeat}"
     )
-    ops = list(base) + ["get (hit, set elsewhere)"]
+    ops = [*base, "get (hit, set elsewhere)"]
     print(f"{'backend':<30}" + "".join(f"{op:>26}" for op in ops))
     for label, row in results.items():
         cells = []

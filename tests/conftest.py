@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,10 +28,8 @@ class FakeClock:
 
 def _unlink(name: str) -> None:
     for fn in (posix_ipc.unlink_shared_memory, posix_ipc.unlink_semaphore):
-        try:
+        with contextlib.suppress(posix_ipc.ExistentialError):
             fn("/" + name)
-        except posix_ipc.ExistentialError:
-            pass
 
 
 @pytest.fixture
