@@ -16,7 +16,8 @@ one ``find`` call in C scans a whole probe window; the check words, dense, becau
                   | 128.. mutable words, one aligned 8-byte store each:        |
                   |  128 lock owner  136 lock generation  144 journal          |
                   |  152 evictions   160 lock recoveries  168 oversize values  |
-                  |  176 clears      184..4095 reserved (zero)                 |
+                  |  176 clears      184 retired hits     192 retired misses   |
+                  | 512.. 112 per-process records: owner, hits, misses, id     |
     TAGS = 4096   +------------------------------------------------------------+
                   | P = N + W - 1 tags of 16 bytes: keyed xxh3-128 of the      |
                   | token; all zero = empty slot                               |
@@ -85,6 +86,12 @@ W_EVICTIONS = 152 // 8
 W_RECOVERIES = 160 // 8
 W_OVERSIZE = 168 // 8
 W_CLEARS = 176 // 8
+W_RETIRED_HITS = 184 // 8
+W_RETIRED_MISSES = 192 // 8
+
+# Per-process hit/miss records (see _counters): (owner word, hits, misses, object id).
+COUNTER_RECORDS_W = 512 // 8
+COUNTER_RECORDS = (HEADER_SIZE - 512) // 32
 
 # Journal: what the lock holder is modifying, so a recovery knows what to verify.
 OP_NONE, OP_SLOT, OP_CLEAR = 0, 1, 2

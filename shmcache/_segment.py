@@ -81,10 +81,12 @@ class Segment:
         """Remove both names, but only while they still name *this* segment: after a binary
         upgrade a new master may own a fresh segment under the same name."""
         try:
-            same = os.stat(segment_path(self.name)).st_ino == self.inode
+            ours = os.stat(segment_path(self.name)).st_ino == self.inode
+        except FileNotFoundError:
+            ours = True  # the segment's name is gone already: the semaphore is an orphan
         except OSError:
-            same = os.path.isdir(SHM_DIR) is False  # no /dev/shm to look at: trust the name
-        if same:
+            ours = True  # no /dev/shm to look at (not Linux): trust the name
+        if ours:
             _ignore_missing(posix_ipc.unlink_shared_memory, "/" + self.name)
             _ignore_missing(posix_ipc.unlink_semaphore, "/" + self.name)
 

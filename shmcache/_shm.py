@@ -14,6 +14,7 @@ Writes take the segment lock (``_lock``), which survives the death of its holder
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import secrets
@@ -25,6 +26,7 @@ from types import TracebackType
 from typing import Any
 
 from . import _proc, _segment
+from ._counters import ProcessCounters
 from ._errors import (
     CacheClosed,
     IncompatibleSegment,
@@ -61,8 +63,10 @@ _instances: weakref.WeakSet[SharedMemorySessionCache] = weakref.WeakSet()
 
 
 def _reset_counters_after_fork() -> None:
+    # The child is another process: its figures start at zero in a record of its own.
     for cache in list(_instances):
         cache._hits = cache._misses = 0
+        cache._counter_rec = -2
 
 
 os.register_at_fork(after_in_child=_reset_counters_after_fork)
@@ -132,6 +136,9 @@ class SharedMemorySessionCache:
         self._hits = 0
         self._misses = 0
         self._decode_errors = 0
+        self._counters = ProcessCounters(self._words, segment.fd, _proc.is_alive)
+        self._counter_rec = -2  # not claimed yet (-1: no record free, figures stay local)
+        self._object_id = secrets.randbits(63) | 1
         self._closed = False
         self._pickle_options = {"codec": codec, "lock_timeout": lock_timeout, **attach_options}
         _instances.add(self)
@@ -254,8 +261,10 @@ class SharedMemorySessionCache:
                 session = None
             if session is not None:
                 self._hits += 1
+                self._publish()
                 return session
         self._misses += 1
+        self._publish()
         return None
 
     def _load(self, token: str) -> Any | None:
@@ -346,6 +355,7 @@ class SharedMemorySessionCache:
             raise
         finally:
             self._lock.release()
+        self._publish()
 
     def clear(self) -> None:
         """Drop every session in every process (every user logs in again)."""
@@ -360,6 +370,7 @@ class SharedMemorySessionCache:
             raise
         finally:
             self._lock.release()
+        self._publish()
 
     # -- maintenance ---------------------------------------------------------------------
 
@@ -382,8 +393,17 @@ class SharedMemorySessionCache:
         return total
 
     def stats(self) -> dict[str, Any]:
-        """Figures for the whole segment (``hits``/``misses``: this process's own)."""
+        """Figures for the whole segment.
+
+        ``hits`` and ``misses`` add up every process's published counters; a process
+        counts them locally (no shared write on ``get``) and publishes them at every miss,
+        invalidate, clear and ``stats`` call, so another worker's figures may lag by the
+        hits since its last such call. ``process_hits``/``process_misses`` are this
+        object's own, exact.
+        """
         self._ensure_open()
+        self._publish()
+        hits, misses, processes = self._counters.totals()
         geo = self._info.geometry
         census = self._table.census(self._now_ms())
         words = self._words
@@ -401,8 +421,11 @@ class SharedMemorySessionCache:
             "invalid": census["invalid"],
             "tombstones": 0,  # removals zero their slot: this table has none
             "load_factor": occupied / geo.physical_slots,
-            "hits": self._hits,
-            "misses": self._misses,
+            "hits": hits if self._counter_rec >= 0 else hits + self._hits,
+            "misses": misses if self._counter_rec >= 0 else misses + self._misses,
+            "process_hits": self._hits,
+            "process_misses": self._misses,
+            "processes": processes,
             "decode_errors": self._decode_errors,
             "evictions": int(words[W_EVICTIONS]),
             "lock_recoveries": int(words[W_RECOVERIES]),
@@ -478,6 +501,10 @@ class SharedMemorySessionCache:
             return
         self._closed = True
         self._local.clear()
+        if self._counter_rec >= 0:
+            self._publish()
+            with contextlib.suppress(OSError):
+                self._counters.release(self._counter_rec, self._object_id)
         self._table.release()
         self._segment.close()
 
@@ -508,6 +535,20 @@ class SharedMemorySessionCache:
 
     def _now_ms(self) -> int:
         return round(self._clock() * 1000)
+
+    def _publish(self) -> None:
+        """Copy this object's hit/miss counters into its record in the header."""
+        rec = self._counter_rec
+        if rec == -2:
+            try:
+                rec = self._counters.claim(_proc.my_word(), self._object_id)
+            except OSError:
+                rec = -1
+            self._counter_rec = rec
+        if rec >= 0:
+            words = self._words
+            words[rec + 1] = self._hits & U64
+            words[rec + 2] = self._misses & U64
 
     def _ensure_open(self) -> None:
         if self._closed:
