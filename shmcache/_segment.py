@@ -162,6 +162,12 @@ def attach(name: str, *, owner_uid: int | None, allow_writable_by_others: bool) 
     pname = "/" + name
     try:
         shm = posix_ipc.SharedMemory(pname)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # shm_open uses O_NOFOLLOW: a planted symlink
+            raise SegmentPermissionError(
+                f"refusing {segment_path(name)}: it is a symbolic link"
+            ) from None
+        raise
     except posix_ipc.ExistentialError:
         raise SegmentNotFound(
             f"no shmcache segment named {name!r} ({segment_path(name)})"
@@ -178,15 +184,25 @@ def attach(name: str, *, owner_uid: int | None, allow_writable_by_others: bool) 
                 f"segment {name!r} is {st.st_size} bytes: too small to be a shmcache segment"
             )
         try:
-            sem_st: os.stat_result | None = os.stat(semaphore_path(name))
+            sem_st: os.stat_result | None = os.lstat(semaphore_path(name))
         except OSError:
             sem_st = None  # no /dev/shm/sem.* files on this platform
         if sem_st is not None:
             # Checked by path, then opened by name: /dev/shm is sticky, so once the name is
             # ours (as checked) nobody else can rename or replace it in between.
             _check_trust(sem_st, semaphore_path(name), owner_uid, allow_writable_by_others)
+        if sem_st is not None and stat.S_ISLNK(sem_st.st_mode):
+            raise SegmentPermissionError(
+                f"refusing {semaphore_path(name)}: it is a symbolic link"
+            )
         try:
             sem = posix_ipc.Semaphore(pname)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise SegmentPermissionError(
+                    f"refusing {semaphore_path(name)}: it is a symbolic link"
+                ) from None
+            raise
         except posix_ipc.ExistentialError:
             raise SegmentNotFound(
                 f"segment {name!r} exists but its semaphore {semaphore_path(name)} does not"

@@ -240,10 +240,22 @@ class Table:
         words[self._rec_w + slot * self._rw] = 0
 
     def remove_locked(self, tag: bytes, home: int) -> bool:
+        """Remove ``tag``; True if it was there.
+
+        Zeroes every copy in the window (a damaged segment may hold two). If there is none,
+        the tag may have been damaged in place, and a process could still trust that slot's
+        check word: so a logout that finds nothing also drops every slot of the window that
+        is not a whole entry. That costs a checksum per occupied slot, on this path only.
+        """
         slot = self.find(tag, home)
         if slot < 0:
+            for other in range(home, home + self._window):
+                if self.slot_problem(other) is not None:
+                    self._zero_slot_locked(other)
             return False
-        self._zero_slot_locked(slot)
+        while slot >= 0:
+            self._zero_slot_locked(slot)
+            slot = self.find(tag, home)
         return True
 
     def clear_locked(self) -> None:
@@ -269,7 +281,7 @@ class Table:
             done += n
 
     def purge_locked(self, start: int, stop: int, now_ms: int) -> int:
-        """Reclaim expired or invalid slots in ``[start, stop)``; returns how many."""
+        """Reclaim expired, invalid and damaged slots in ``[start, stop)``; returns how many."""
         stop = min(stop, self._phys)
         if start >= stop:
             return 0
@@ -281,8 +293,8 @@ class Table:
         reclaimed = 0
         tags = self._tags
         for i, (check, meta) in enumerate(zip(checks, metas, strict=True)):
-            if check and meta >= threshold:
-                continue
+            if check and meta >= threshold and self.slot_problem(start + i) is None:
+                continue  # a whole, live entry
             t = tags + (start + i) * TAG_SIZE
             if not check and not meta and self._buf[t : t + TAG_SIZE] == ZERO_TAG:
                 continue  # already empty
@@ -300,7 +312,7 @@ class Table:
             self.clear_locked()
             done.append("finished an interrupted clear")
         elif op == OP_SLOT and slot < self._phys:
-            if self.slot_problem(slot) is not None:
+            if self.slot_problem(slot) is not None:  # half-written, or half-zeroed
                 self._zero_slot_locked(slot)
                 done.append(f"dropped half-written slot {slot}")
         elif op != OP_NONE:
@@ -316,8 +328,8 @@ class Table:
         tag = bytes(self._buf[t : t + TAG_SIZE])
         check = self.words[self._checks_w + slot]
         if tag == ZERO_TAG:
-            if check:
-                return f"slot {slot}: empty tag but a check word is set"
+            if check or self.words[self._rec_w + slot * self._rw]:
+                return f"slot {slot}: empty tag but leftover check or meta words"
             return None
         if not check:
             return f"slot {slot}: tag without a check (a write that never finished)"

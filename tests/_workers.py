@@ -151,10 +151,11 @@ def _storm_op(cache: Any, rng: random.Random, hold: float) -> None:
     t = rng.choice(STORM_TOKENS)
     r = rng.random()
     if r < hold:
-        # Sit in the critical section for a moment so that kills land inside it.
+        # Sit in the critical section for a moment so that kills land inside it; some
+        # holds outlast a waiter's wait slice, so waiters see a live owner and must wait.
         cache._lock.acquire()
         try:
-            time.sleep(0.003)
+            time.sleep(rng.choice((0.003, 0.003, 0.04)))
         finally:
             cache._lock.release()
     elif r < 0.55:
@@ -164,9 +165,9 @@ def _storm_op(cache: Any, rng: random.Random, hold: float) -> None:
         v = cache.get(t)  # another writer may have set it since, but not we
         if v is not None and (v.get("token") != t or v.get("pid") == os.getpid()):
             os._exit(EXIT_STALE_SESSION)
-    elif r < 0.805:
+    elif r < 0.801:
         cache.clear()
-    elif r < 0.81:
+    elif r < 0.806:
         cache.purge()
     else:
         v = cache.get(t)

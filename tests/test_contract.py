@@ -7,12 +7,16 @@ a ``close`` method.
 
 from __future__ import annotations
 
+import mmap
 import pickle
+import struct
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from shmcache import (
     CacheClosed,
@@ -120,8 +124,9 @@ def test_expiry_millisecond_resolution(cache: Any, clock: Any) -> None:
     clock.now = 1000.3
     assert cache.get("tok") is None
     assert cache.get("long") == "l"
-    clock.now = 1000.299  # an expired entry stays gone (it was dropped or reclaimed)
-    assert cache.get("tok") in (None, "s")
+    clock.now = 1010.0
+    assert cache.get("tok") is None
+    assert cache.get("long") is None
 
 
 def test_expiry_is_per_set(cache: Any, clock: Any) -> None:
@@ -148,10 +153,13 @@ def shm(
     c.close()
 
 
-def _snapshot(c: SharedMemorySessionCache) -> dict[str, Any]:
+def _snapshot(c: SharedMemorySessionCache) -> tuple[dict[str, Any], bytes]:
+    """Segment-wide stats and the segment's raw bytes."""
     s = c.stats()
     keep = ("entries", "expired", "invalid", "evictions", "oversize", "clears")
-    return {k: s[k] for k in keep}
+    with open(f"/dev/shm/{c.name}", "rb") as f:
+        raw = f.read()
+    return {k: s[k] for k in keep}, raw
 
 
 @pytest.mark.parametrize(
@@ -163,6 +171,31 @@ def test_get_any_str_is_a_miss(shm: SharedMemorySessionCache, token: str) -> Non
     assert shm.get("present") == "p"
 
 
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(tokens=st.lists(st.text(max_size=40), max_size=8), probe=st.text(max_size=60))
+def test_get_never_raises_on_any_text(
+    make_name: Callable[[], str], tokens: list[str], probe: str
+) -> None:
+    for value_size in (0, 64):  # make_name: a fresh name per example, all removed at the end
+        with SharedMemorySessionCache.create(
+            make_name(), capacity=16, value_size=value_size
+        ) as c:
+            try:
+                expected = {}
+                for tok in tokens:
+                    if tok:
+                        c.set(tok, ("s", tok), 3600)
+                        expected[tok] = ("s", tok)
+                for tok in [*tokens, probe]:
+                    got = c.get(tok)
+                    assert got is None or got == expected[tok]
+                assert c.check() == []
+            finally:
+                c.unlink()
+
+
 def test_surrogate_token_roundtrip(shm: SharedMemorySessionCache) -> None:
     shm.set("\ud800", "s", 60)
     assert shm.get("\ud800") == "s"
@@ -172,12 +205,16 @@ def test_surrogate_token_roundtrip(shm: SharedMemorySessionCache) -> None:
 
 @pytest.mark.parametrize("token", [b"tok", 1, None, 1.5, ("t",), ["t"]])
 def test_non_str_token_is_type_error(shm: SharedMemorySessionCache, token: Any) -> None:
+    shm.set("keep", "kept", 60)
+    before = _snapshot(shm)
     with pytest.raises(TypeError):
         shm.get(token)
     with pytest.raises(TypeError):
         shm.set(token, "s", 60)
     with pytest.raises(TypeError):
         shm.invalidate(token)
+    assert _snapshot(shm) == before
+    assert shm.get("keep") == "kept"
 
 
 @pytest.mark.parametrize("token", [b"tok", 1, None])
@@ -378,6 +415,40 @@ def test_pickle_attaches_same_segment(segment_name: str) -> None:
             clone.close()
 
 
+@pytest.mark.parametrize(
+    ("value_size", "old", "new"),
+    [(0, "S1-old", "S2-new"), (64, "o" * 500, "n" * 500)],
+    ids=["hash", "value-oversize"],
+)
+def test_no_stale_session_after_lock_generation_wraps(
+    segment_name: str, clock: Any, value_size: int, old: str, new: str
+) -> None:
+    """A process must never return a session older than the latest set of that token.
+
+    The per-process map trusts a session while the slot's check word is unchanged; the
+    check hashes the tag and meta (expiry ms and a 20-bit nonce from the lock generation,
+    plus the value area in value mode). Sessions cached until their own absolute expiry
+    (ttl = expires_at - now, a common pattern) give every set of a token the same expiry,
+    so after 2**20 lock acquisitions the nonce, and so the check, repeats. The lock
+    generation word (header offset 136) is advanced here instead of taking the lock 2**20
+    times.
+    """
+    with SharedMemorySessionCache.create(
+        segment_name, capacity=64, value_size=value_size, clock=clock
+    ) as a, SharedMemorySessionCache.attach(segment_name, clock=clock) as b:
+        expires_at = START + 60
+        a.set("tok", old, expires_at - clock.now)
+        assert a.get("tok") == old
+        with open(f"/dev/shm/{segment_name}", "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:
+            (gen,) = struct.unpack_from("<Q", mm, 136)
+            b.invalidate("tok")  # logout, then a new login re-validates the same token
+            clock.now = START + 10
+            struct.pack_into("<Q", mm, 136, gen + (1 << 20) - 1)  # 2**20 - 2 writes later
+        b.set("tok", new, expires_at - clock.now)
+        assert b.get("tok") == new
+        assert a.get("tok") in (None, new)
+
+
 def test_stats_fields(shm: SharedMemorySessionCache) -> None:
     shm.set("a", 1, 60)
     shm.get("a")
@@ -408,6 +479,19 @@ def test_full_table_evicts(make_name: Callable[[], str], clock: Any) -> None:
             assert c.check() == []
             hits = sum(c.get(f"tok-{i}") == i for i in range(200))
             assert hits == s["entries"]
+
+
+def test_per_process_map_stays_bounded_and_right(segment_name: str, clock: Any) -> None:
+    with SharedMemorySessionCache.create(segment_name, capacity=600, clock=clock) as c:
+        n = 3000
+        for i in range(n):
+            c.set(f"tok-{i}", i, 100 + i)
+        s = c.stats()
+        assert s["local_sessions"] <= max(1024, s["slots"])
+        assert c.get(f"tok-{n - 1}") == n - 1
+        for i in range(n):
+            assert c.get(f"tok-{i}") in (None, i)
+        assert c.check() == []
 
 
 def test_expired_entries_are_reclaimed(shm: SharedMemorySessionCache, clock: Any) -> None:
