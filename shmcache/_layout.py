@@ -21,10 +21,11 @@ one ``find`` call in C scans a whole probe window; the check words, dense, becau
     TAGS = 4096   +------------------------------------------------------------+
                   | P = N + W - 1 tags of 16 bytes: keyed xxh3-128 of the      |
                   | token; all zero = empty slot                               |
-    CHECKS        | P check words (u64): keyed xxh3-64 of tag|meta|value area; |
-                  | 0 = no valid entry                                         |
+    CHECKS        | P check words (u64): bits 0-39 keyed xxh3-64 of            |
+                  | tag|meta|value area (never 0), bits 40-63 lock generation  |
+                  | bits 20-43; 0 = no valid entry                             |
     RECORDS       | P records of RECORD_STRIDE bytes:                          |
-                  |   +0  meta u64: expiry in ms << 20 | 20-bit write nonce    |
+                  |   +0  meta u64: expiry in ms << 20 | generation bits 0-19  |
                   |   +8  value area (only if value size > 0): u32 length      |
                   |       (0xFFFFFFFF = no value) + bytes, padded to 8         |
                   +------------------------------------------------------------+
@@ -69,6 +70,12 @@ EXPIRY_BITS = 44
 NONCE_BITS = 20
 NONCE_MASK = (1 << NONCE_BITS) - 1
 MAX_EXPIRY_MS = (1 << EXPIRY_BITS) - 1
+# A check word: bits 40-63 hold bits 20-43 of the lock generation (the meta holds bits
+# 0-19), bits 0-39 a keyed hash of tag|meta|value. Identical writes to one slot (same token,
+# same absolute expiry: a common pattern) thus get different check words for 2**44 writes.
+CHECK_HASH_BITS = 40
+CHECK_HASH_MASK = (1 << CHECK_HASH_BITS) - 1
+STAMP_MASK = (1 << (64 - CHECK_HASH_BITS)) - 1
 NO_VALUE = 0xFFFFFFFF  # value length of a slot that holds no value (hash-only entry)
 U64 = (1 << 64) - 1
 

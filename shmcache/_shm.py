@@ -77,13 +77,16 @@ def _token_bytes(token: str) -> bytes:
     return token.encode("utf-8", "surrogatepass")
 
 
+_MAX_TTL = 1e15  # seconds (31 million years): longer is stored as "as late as the table goes"
+
+
 def _ttl(ttl_seconds: object) -> float:
-    if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, Real):
+    """A TTL as a float; ``InvalidArgument`` unless it is a finite positive real number."""
+    bad = isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, Real)
+    # Comparisons only (no float() first): int(10**400) is finite but overflows a float.
+    if bad or not ttl_seconds > 0 or ttl_seconds == math.inf:  # type: ignore[operator]
         raise InvalidArgument(f"ttl_seconds must be a finite positive number, got {ttl_seconds!r}")
-    ttl = float(ttl_seconds)
-    if not (math.isfinite(ttl) and ttl > 0):
-        raise InvalidArgument(f"ttl_seconds must be a finite positive number, got {ttl_seconds!r}")
-    return ttl
+    return _MAX_TTL if ttl_seconds > _MAX_TTL else float(ttl_seconds)  # type: ignore[operator,arg-type]
 
 
 class SharedMemorySessionCache:
@@ -296,7 +299,7 @@ class SharedMemorySessionCache:
         if not token:
             raise InvalidArgument("token must not be empty")
         ttl = ttl_seconds
-        if (type(ttl) is not float and type(ttl) is not int) or not 0 < ttl < math.inf:
+        if (type(ttl) is not float and type(ttl) is not int) or not 0 < ttl <= _MAX_TTL:
             ttl = _ttl(ttl_seconds)  # the general (and the error) path
         value: bytes | None = None
         oversize = False
@@ -313,14 +316,19 @@ class SharedMemorySessionCache:
         table = self._table
         tag, home = table.tag_of(_token_bytes(token))
         now = self._clock()
-        expiry_ms = round((now + ttl) * 1000)
-        if not 0 <= expiry_ms <= MAX_EXPIRY_MS:
-            expiry_ms = min(max(expiry_ms, 0), MAX_EXPIRY_MS)
+        end = (now + ttl) * 1000
+        # Out of range (a clock far in the future, or NaN): clamp, never raise.
+        expiry_ms = round(end) if 0 <= end <= MAX_EXPIRY_MS else (MAX_EXPIRY_MS if end > 0 else 0)
         lock = self._lock
         gen = lock.acquire()
         try:
             slot, check = table.store_locked(
-                tag, home, (expiry_ms << NONCE_BITS) | (gen & NONCE_MASK), value, int(now * 1000)
+                tag,
+                home,
+                (expiry_ms << NONCE_BITS) | (gen & NONCE_MASK),
+                value,
+                int(now * 1000),
+                gen >> NONCE_BITS,
             )
             if oversize:
                 self._bump(W_OVERSIZE)

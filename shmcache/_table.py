@@ -11,13 +11,13 @@ probe touches at most ``W`` slots whatever the bytes in the segment say.
 
 Lock-free reads (why a reader never accepts half a slot): a writer first stores 0 in the
 slot's check word, then the tag, meta and value, then the new check (see ``_layout``),
-which is a keyed 64-bit hash of tag|meta|value. A reader copies the slot and accepts it
-only if the check it read matches the hash of the bytes it read. A copy that mixes two
-writes (or a write cut short by a SIGKILL) matches only by a 2**-64 accident, whatever
-order the CPU makes the loads and stores visible in. A reader that already knows a slot
-(the per-process map of the cache) compares the single check word: checks are unique per
-write (the meta holds a 20-bit nonce from the lock generation), so an equal check means
-"unchanged since".
+whose low 40 bits are a keyed hash of tag|meta|value. A reader copies the slot and accepts
+it only if those bits match the hash of the bytes it read. A copy that mixes two writes (or
+a write cut short by a SIGKILL) matches only by a 2**-40 accident, whatever order the CPU
+makes the loads and stores visible in. A reader that already knows a slot (the per-process
+map of the cache) compares the single check word: check words are unique per write (the
+meta holds bits 0-19 of the lock generation and the check's top 24 bits hold bits 20-43),
+so an equal check word means "unchanged since" until 2**44 more writes have been made.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from typing import Any
 import xxhash
 
 from ._layout import (
+    CHECK_HASH_BITS,
+    CHECK_HASH_MASK,
     EXPIRY_BITS,
     JOURNAL_SLOT_MASK,
     MAX_EXPIRY_MS,
@@ -36,6 +38,7 @@ from ._layout import (
     OP_CLEAR,
     OP_NONE,
     OP_SLOT,
+    STAMP_MASK,
     TAG_SIZE,
     U64,
     W_EVICTIONS,
@@ -93,8 +96,9 @@ class Table:
         return int.from_bytes(tag, "little") % self._nslots
 
     def _checksum(self, tag: bytes, meta: int, value_area: bytes) -> int:
+        """The hash half of a check word (its low 40 bits, never 0)."""
         check: int = _xxh64(tag + meta.to_bytes(8, "little") + value_area, self._check_seed)
-        return check or 1
+        return (check & CHECK_HASH_MASK) or 1
 
     def check_word_index(self, slot: int) -> int:
         """Index in ``words`` of a slot's check: the one word a known-slot reader compares."""
@@ -140,7 +144,7 @@ class Table:
                 area = bytes(self._buf[v : v + 4 + length])
             else:
                 return None
-        if self._checksum(tag, meta, area) != check:
+        if self._checksum(tag, meta, area) != check & CHECK_HASH_MASK:
             return None
         value = area[4:] if area and area != _NO_VALUE_BYTES else None
         return tag, meta, check, value
@@ -168,7 +172,7 @@ class Table:
     # -- writes (caller holds the lock) --------------------------------------------------
 
     def store_locked(
-        self, tag: bytes, home: int, meta: int, value: bytes | None, now_ms: int
+        self, tag: bytes, home: int, meta: int, value: bytes | None, now_ms: int, stamp: int = 0
     ) -> tuple[int, int]:
         """Insert or overwrite ``tag``; returns ``(slot, check)``. Never fails for lack of room.
 
@@ -193,7 +197,7 @@ class Table:
                 slot = self.find(ZERO_TAG, home)
                 if slot < 0:
                     slot = self._reclaim_window_locked(home, now_ms)
-        return slot, self._write_slot_locked(slot, tag, meta, value)
+        return slot, self._write_slot_locked(slot, tag, meta, value, stamp)
 
     def _reclaim_window_locked(self, home: int, now_ms: int) -> int:
         """The window is full: reclaim every expired or invalid slot in it, else evict the
@@ -212,7 +216,9 @@ class Table:
         words[W_EVICTIONS] = (words[W_EVICTIONS] + 1) & U64
         return home + metas.index(min(metas))
 
-    def _write_slot_locked(self, slot: int, tag: bytes, meta: int, value: bytes | None) -> int:
+    def _write_slot_locked(
+        self, slot: int, tag: bytes, meta: int, value: bytes | None, stamp: int = 0
+    ) -> int:
         words = self.words
         words[W_JOURNAL] = _OP_SLOT_BITS | slot
         cw = self._checks_w + slot
@@ -225,9 +231,10 @@ class Table:
             area = _NO_VALUE_BYTES if value is None else len(value).to_bytes(4, "little") + value
             v = mw * 8 + 8
             self._buf[v : v + len(area)] = area
-            check = _xxh64(tag + meta.to_bytes(8, "little") + area, self._check_seed) or 1
+            check = _xxh64(tag + meta.to_bytes(8, "little") + area, self._check_seed)
         else:
-            check = _xxh64(tag + meta.to_bytes(8, "little"), self._check_seed) or 1
+            check = _xxh64(tag + meta.to_bytes(8, "little"), self._check_seed)
+        check = (stamp & STAMP_MASK) << CHECK_HASH_BITS | ((check & CHECK_HASH_MASK) or 1)
         words[cw] = check
         return check
 
