@@ -425,13 +425,12 @@ def test_no_stale_session_after_lock_generation_wraps(
 ) -> None:
     """A process must never return a session older than the latest set of that token.
 
-    The per-process map trusts a session while the slot's check word is unchanged; the
-    check hashes the tag and meta (expiry ms and a 20-bit nonce from the lock generation,
-    plus the value area in value mode). Sessions cached until their own absolute expiry
-    (ttl = expires_at - now, a common pattern) give every set of a token the same expiry,
-    so after 2**20 lock acquisitions the nonce, and so the check, repeats. The lock
-    generation word (header offset 136) is advanced here instead of taking the lock 2**20
-    times.
+    The per-process map trusts a session while the slot's check word is unchanged, so every
+    write must give a new check. Sessions cached until their own absolute expiry (ttl =
+    expires_at - now, a common pattern) give every set of a token the same expiry ms, so
+    only the write's generation tells two sets apart. Here the lock generation word (header
+    offset 136) jumps by 2**20 (the width of the nonce in the meta) instead of taking the
+    lock 2**20 times: a 20-bit nonce alone would repeat.
     """
     with SharedMemorySessionCache.create(
         segment_name, capacity=64, value_size=value_size, clock=clock

@@ -13,6 +13,7 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shmcache import _layout
 from shmcache._layout import (
     JOURNAL_SLOT_MASK,
     NO_VALUE,
@@ -26,6 +27,8 @@ from shmcache._layout import (
 )
 from shmcache._table import Table, make_meta, meta_expiry_ms
 
+# The part of a check word that is the keyed hash (the rest may be a write stamp).
+HASH_MASK = getattr(_layout, "CHECK_HASH_MASK", (1 << 64) - 1)
 TAG_SEED = 0x0123_4567_89AB_CDEF
 CHECK_SEED = 0x0FED_CBA9_8765_4321
 NOW = 1_000_000  # ms
@@ -105,7 +108,8 @@ def independent_check(table: Table, buf: bytearray, slot: int) -> bool:
             area = buf[m + 8 : m + 12 + length]
         else:
             return False
-    return check != 0 and check == (xxhash.xxh3_64_intdigest(tag + meta + area, CHECK_SEED) or 1)
+    digest = xxhash.xxh3_64_intdigest(tag + meta + area, CHECK_SEED) & HASH_MASK or 1
+    return check != 0 and check & HASH_MASK == digest
 
 
 # -- basics ----------------------------------------------------------------------------------
