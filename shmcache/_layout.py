@@ -17,6 +17,7 @@ one ``find`` call in C scans a whole probe window; the check words, dense, becau
                   |  128 lock owner  136 lock generation  144 journal          |
                   |  152 evictions   160 lock recoveries  168 oversize values  |
                   |  176 clears      184 retired hits     192 retired misses   |
+                  |  200 keeper (the process that unlinks the names at exit)   |
                   | 512.. 112 per-process records: owner, hits, misses, id     |
     TAGS = 4096   +------------------------------------------------------------+
                   | P = N + W - 1 tags of 16 bytes: keyed xxh3-128 of the      |
@@ -95,6 +96,7 @@ W_OVERSIZE = 168 // 8
 W_CLEARS = 176 // 8
 W_RETIRED_HITS = 184 // 8
 W_RETIRED_MISSES = 192 // 8
+W_KEEPER = 200 // 8  # owner word of the process that removes the names at exit (0: nobody)
 
 # Per-process hit/miss records (see _counters): (owner word, hits, misses, object id).
 COUNTER_RECORDS_W = 512 // 8

@@ -77,6 +77,12 @@ class Segment:
         self.shm.close_fd()
         self.sem.close()
 
+    def chown(self, uid: int, gid: int) -> None:
+        """Hand both names to another user (a server that drops privileges after forking)."""
+        os.fchown(self.fd, uid, gid)
+        if os.path.exists(semaphore_path(self.name)):
+            os.chown(semaphore_path(self.name), uid, gid)
+
     def unlink(self) -> None:
         """Remove both names, but only while they still name *this* segment: after a binary
         upgrade a new master may own a fresh segment under the same name."""
@@ -89,6 +95,12 @@ class Segment:
         if ours:
             _ignore_missing(posix_ipc.unlink_shared_memory, "/" + self.name)
             _ignore_missing(posix_ipc.unlink_semaphore, "/" + self.name)
+
+
+def unlink_names(name: str) -> None:
+    """Remove whatever exists of a segment's two names, by name alone (no inode check)."""
+    _ignore_missing(posix_ipc.unlink_shared_memory, "/" + name)
+    _ignore_missing(posix_ipc.unlink_semaphore, "/" + name)
 
 
 def _ignore_missing(fn: Callable[[str], None], name: str) -> None:

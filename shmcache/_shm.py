@@ -45,6 +45,7 @@ from ._layout import (
     U64,
     W_CLEARS,
     W_EVICTIONS,
+    W_KEEPER,
     W_OVERSIZE,
     W_RECOVERIES,
     Geometry,
@@ -190,6 +191,9 @@ class SharedMemorySessionCache:
             mm[0:8] = header[:8]  # the magic last: a half-made header never looks valid
 
         segment = _segment.create(bare, geo.size, mode, init)
+        segment_words = memoryview(segment.mm).cast("B").cast("Q")
+        segment_words[W_KEEPER] = _proc.my_word()
+        segment_words.release()
         return cls(
             segment, info, codec=codec, clock=clock, lock_timeout=lock_timeout,
             attach_options={"allow_writable_by_others": bool(mode & 0o022)},
@@ -440,6 +444,8 @@ class SharedMemorySessionCache:
             "oversize": int(words[W_OVERSIZE]),
             "clears": int(words[W_CLEARS]),
             "lock_owner": (owner & _proc.PID_MASK) or None,
+            "lock_owner_alive": bool(owner) and _proc.is_alive(owner),
+            "keeper_pid": (int(words[W_KEEPER]) & _proc.PID_MASK) or None,
             "creator_pid": self._info.creator_pid,
             "created": self._info.created,
             "local_sessions": len(self._local),
@@ -521,6 +527,31 @@ class SharedMemorySessionCache:
         until they close; nobody new can attach)."""
         self._segment.unlink()
 
+    # The keeper is the process whose exit removes the names: the creator, until another
+    # process adopts the segment. A gunicorn master started by a binary upgrade (USR2)
+    # adopts its predecessor's segment, so the old master's exit leaves the name alone.
+
+    def adopt(self) -> None:
+        """Make this process the segment's keeper."""
+        self._ensure_open()
+        self._words[W_KEEPER] = _proc.my_word()
+
+    def unlink_if_keeper(self) -> bool:
+        """Unlink the names if this process is the keeper, or the keeper is gone (an adopter
+        that died, as after an aborted upgrade). Returns True if it unlinked."""
+        self._ensure_open()
+        keeper = int(self._words[W_KEEPER])
+        if keeper and keeper != _proc.my_word() and _proc.is_alive(keeper):
+            return False
+        self.unlink()
+        return True
+
+    def chown(self, uid: int, gid: int) -> None:
+        """Give the segment and its semaphore to ``uid``/``gid`` (for workers that drop
+        privileges and must attach by name; forked workers keep their inherited mapping)."""
+        self._ensure_open()
+        self._segment.chown(uid, gid)
+
     def __enter__(self) -> SharedMemorySessionCache:
         return self
 
@@ -548,6 +579,8 @@ class SharedMemorySessionCache:
         """Copy this object's hit/miss counters into its record in the header."""
         rec = self._counter_rec
         if rec == -2:
+            if not (self._hits or self._misses):
+                return  # nothing to say yet (an admin command's stats() takes no record)
             try:
                 rec = self._counters.claim(_proc.my_word(), self._object_id)
             except OSError:
