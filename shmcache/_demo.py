@@ -1,99 +1,188 @@
-"""``shmcache demo``: two worker processes, one logout, with the seed's cache and with ours.
+"""``shmcache demo``: a real gunicorn with 4 workers, one logout, the seed's cache vs ours.
 
-Each worker is a real process that answers "is this token logged in?" from its own cache
-object, the way a gunicorn worker's auth dependency does. A user logs in (both workers
-cache the validated session), logs out through worker A, and then asks worker B.
+It serves ``shmcache._demo_app`` on a loopback port, logs a user in, spreads requests over
+every worker (so each worker has validated and cached the session), logs out through one
+worker, and counts how many later requests are still accepted: some with the seed's
+per-process ``InMemorySessionCache``, none with shmcache. Then it runs ``shmcache reset``
+against the live server and shows that every cached session is gone.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import http.client
+import json
 import os
-import secrets
-from multiprocessing.connection import Connection
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
-from ._memory import InMemorySessionCache
-from ._shm import SharedMemorySessionCache
+WORKERS = 4
 
 
-def _worker(conn: Connection, backend: str, name: str) -> None:
-    cache: Any = (
-        InMemorySessionCache() if backend == "memory" else SharedMemorySessionCache.attach(name)
+@dataclass
+class Server:
+    """A gunicorn serving the demo app, and a minimal HTTP client for it."""
+
+    port: int
+    name: str
+    process: subprocess.Popen[bytes]
+    workdir: str
+    seen: set[int] = field(default_factory=set)
+
+    def request(self, method: str, path: str, token: str = "") -> tuple[int, dict[str, Any]]:
+        # A new connection per request: gunicorn hands each one to whichever worker
+        # accepts it first, which is how requests of one user reach different workers.
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            conn.request(method, path, headers=headers)
+            response = conn.getresponse()
+            raw = response.read()
+            try:
+                body = json.loads(raw or b"{}")
+            except ValueError:
+                body = {"text": raw.decode(errors="replace")}
+        finally:
+            conn.close()
+        if "worker" in body:
+            self.seen.add(body["worker"])
+        return response.status, body
+
+    def until_every_worker(self, token: str, workers: int = WORKERS, limit: int = 2000) -> int:
+        """GET /me until every worker has answered; returns how many requests it took."""
+        seen: set[int] = set()
+        for n in range(1, limit + 1):
+            _, body = self.request("GET", "/me", token)
+            seen.add(body["worker"])
+            if len(seen) >= workers:
+                return n
+        raise RuntimeError(f"only {len(seen)} of {workers} workers answered in {limit} requests")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(workdir: str, port: int, name: str, *, workers: int = WORKERS,
+                 preload: bool = False, extra: str = "") -> str:
+    path = os.path.join(workdir, "gunicorn.conf.py")
+    with open(path, "w") as f:
+        f.write(
+            "from shmcache.gunicorn import child_exit, configure, on_exit, on_starting  # noqa\n"
+            f"configure(name={name!r}, capacity=4096, value_size=256)\n"
+            f"bind = '127.0.0.1:{port}'\nworkers = {workers}\npreload_app = {preload!r}\n"
+            "graceful_timeout = 5\nloglevel = 'warning'\n" + extra
+        )
+    return path
+
+
+@contextmanager
+def serve(backend: str, *, workers: int = WORKERS, preload: bool = False,
+          app: str = "shmcache._demo_app:app", extra_config: str = "",
+          env: dict[str, str] | None = None) -> Iterator[Server]:
+    """Run gunicorn on a free loopback port until the block ends, then stop it (SIGTERM)."""
+    workdir = tempfile.mkdtemp(prefix="shmcache-demo-")
+    port = free_port()
+    name = f"shmcache-demo-{os.getpid()}-{port}"
+    config = write_config(workdir, port, name, workers=workers, preload=preload,
+                          extra=extra_config)
+    child_env = {**os.environ, "SHMCACHE_DEMO_BACKEND": backend,
+                 "SHMCACHE_DEMO_DB": os.path.join(workdir, "sessions.db"), **(env or {})}
+    child_env.pop("SHMCACHE_NAME", None)
+    log = open(os.path.join(workdir, "gunicorn.log"), "wb")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", config, app],
+        cwd=workdir, env=child_env, stdout=log, stderr=subprocess.STDOUT,
     )
-    while True:
-        op, token = conn.recv()
-        if op == "stop":
-            break
-        if op == "login":  # the auth dependency: a miss, validated "against the database"
-            if cache.get(token) is None:
-                cache.set(token, {"user": "alice", "token_prefix": token[:6]}, 60)
-            conn.send("ok")
-        elif op == "logout":
-            cache.invalidate(token)
-            conn.send("ok")
-        elif op == "request":
-            conn.send("accepted" if cache.get(token) is not None else "rejected (401)")
-    conn.close()
-
-
-def _scenario(backend: str, name: str) -> list[tuple[str, str]]:
-    ctx = mp.get_context("fork")
-    pipes, procs = [], []
-    for _ in range(2):
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker, args=(child, backend, name), daemon=True)
-        proc.start()
-        pipes.append(parent)
-        procs.append(proc)
-    a, b = pipes
-    token = secrets.token_urlsafe(32)
-    steps = []
+    server = Server(port, name, process, workdir)
     try:
-        for conn in pipes:
-            conn.send(("login", token))
-            conn.recv()
-        for label, conn in (("worker A", a), ("worker B", b)):
-            conn.send(("request", token))
-            steps.append((f"request to {label} after login", conn.recv()))
-        a.send(("logout", token))
-        a.recv()
-        steps.append(("logout handled by worker A", "done"))
-        for label, conn in (("worker A", a), ("worker B", b)):
-            conn.send(("request", token))
-            steps.append((f"request to {label} after logout", conn.recv()))
+        _wait_ready(server)
+        yield server
     finally:
-        for conn in pipes:
-            conn.send(("stop", ""))
-        for proc in procs:
-            proc.join(10)
-    return steps
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        log.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _wait_ready(server: Server, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            with open(os.path.join(server.workdir, "gunicorn.log"), "rb") as f:
+                tail = f.read()[-2000:].decode(errors="replace")
+            raise RuntimeError(f"gunicorn exited with {server.process.returncode}:\n{tail}")
+        try:
+            server.request("GET", "/health")
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"gunicorn did not answer on port {server.port} within {timeout} s")
+
+
+def logout_scenario(server: Server, after: int = 40) -> dict[str, int]:
+    """Log in, reach every worker, log out once, then count requests still accepted."""
+    status, body = server.request("POST", "/login")
+    token = body["token"]
+    warmup = server.until_every_worker(token)
+    server.request("POST", "/logout", token)
+    accepted = sum(server.request("GET", "/me", token)[0] == 200 for _ in range(after))
+    return {"warmup_requests": warmup, "requests_after_logout": after, "accepted": accepted}
+
+
+def reset_scenario(server: Server, users: int = 5) -> dict[str, int]:
+    """Cache several sessions, run `shmcache reset` against the live server, look again."""
+    tokens = [server.request("POST", "/login")[1]["token"] for _ in range(users)]
+    for token in tokens:
+        server.request("GET", "/me", token)  # validated against the database and cached
+    before = sum(bool(server.request("GET", "/me", t)[1].get("cached")) for t in tokens)
+    result = subprocess.run(
+        [sys.executable, "-m", "shmcache", "reset", server.name, "--yes"],
+        capture_output=True, text=True, timeout=60,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"shmcache reset failed: {result.stderr.strip()}")
+    after = sum(bool(server.request("GET", "/me", t)[1].get("cached")) for t in tokens)
+    return {"users": users, "cached_before_reset": before, "cached_after_reset": after}
 
 
 def run() -> int:
-    """Run both scenarios and print what each worker answered."""
-    name = f"shmcache-demo-{os.getpid()}"
-    # With a value area, a session validated by one worker is a hit in the other, as in a
-    # deployment that spreads one user's requests over every worker.
-    cache = SharedMemorySessionCache.create(name, capacity=1024, value_size=256)
-    try:
-        results = {
-            "InMemorySessionCache (the seed)": _scenario("memory", name),
-            "SharedMemorySessionCache": _scenario("shm", name),
-        }
-    finally:
-        cache.unlink()
-        cache.close()
-    width = max(len(step) for steps in results.values() for step, _ in steps)
-    for backend, steps in results.items():
-        print(f"\n{backend}")
-        for step, answer in steps:
-            print(f"  {step:<{width}}  {answer}")
-    stale = results["InMemorySessionCache (the seed)"][-1][1] == "accepted"
-    fixed = results["SharedMemorySessionCache"][-1][1] != "accepted"
+    print(f"Starting gunicorn with {WORKERS} workers on 127.0.0.1, once per cache...\n")
+    results = {}
+    for backend, label in (("memory", "InMemorySessionCache (the seed)"),
+                           ("shm", "SharedMemorySessionCache")):
+        with serve(backend) as server:
+            results[label] = logout_scenario(server)
+            if backend == "shm":
+                reset = reset_scenario(server)
+    width = max(len(label) for label in results)
+    print(f"{'cache':<{width}}  requests after logout  still accepted")
+    for label, r in results.items():
+        print(f"{label:<{width}}  {r['requests_after_logout']:>21}  {r['accepted']:>14}")
+    print(f"\n`shmcache reset` on the live server: {reset['cached_before_reset']} of "
+          f"{reset['users']} sessions served from the cache before, "
+          f"{reset['cached_after_reset']} after (every one is gone from the cache).")
+    stale = results["InMemorySessionCache (the seed)"]["accepted"]
+    fixed = results["SharedMemorySessionCache"]["accepted"] == 0
     print()
     if stale:
-        print("The seed's per-process cache still accepts the token in worker B after logout.")
+        print(f"The seed's per-process cache accepted {stale} requests after the logout: the "
+              "workers that did not handle it still had the session.")
     if fixed:
-        print("shmcache: the logout seen by worker A is seen by worker B.")
-    return 0 if fixed else 1
+        print("shmcache: the logout handled by one worker was seen by all of them.")
+    return 0 if fixed and reset["cached_after_reset"] == 0 else 1

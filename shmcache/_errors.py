@@ -60,8 +60,18 @@ class CacheClosed(ShmCacheError, ValueError):
     """The cache object was closed in this process (like I/O on a closed file)."""
 
 
+class CacheUnavailable(ShmCacheError, ConnectionError):
+    """The cache's server (Redis) could not be reached, timed out, or refused the command.
+
+    A cache opened with ``fail_open=True`` counts it and carries on in ``get`` (a miss) and
+    ``set`` (nothing stored); ``invalidate`` and ``clear`` always raise it, because a logout
+    that did not reach the server must never be reported as done.
+    """
+
+
 __all__ = [
     "CacheClosed",
+    "CacheUnavailable",
     "IncompatibleSegment",
     "InvalidArgument",
     "InvalidType",

@@ -1,0 +1,508 @@
+"""``RedisSessionCache``: the ``SessionCache`` protocol on a Redis server that hosts share.
+
+The shared-memory table ends at the host; when several hosts serve one app, a logout must
+reach all of them, and Redis is the usual meeting point. redis-py is an optional extra
+(``pip install 'shmcache[redis]'``): it is imported when a Redis cache is made, so
+``import shmcache`` works without it.
+
+Keys under ``prefix`` (default ``"shmcache:"``)::
+
+    {prefix}secret         the hashing secret every host shares (absent if ``secret=`` is given)
+    {prefix}s:<32 hex>     one session: keyed BLAKE2b-128 of the token, with a PX expiry
+    {prefix}invalidations  pub/sub channel: b"i:<32 hex>" after an invalidate, b"c" after a
+                           clear (``TieredSessionCache`` drops its local copies on them)
+
+A value is ``version (1 byte, 1) | deadline (int64 LE, ms on the writer's clock, 0: none) |
+MAC (16 bytes) | codec bytes``. The MAC is a keyed BLAKE2b of the key and the rest, so a
+value moved to another token's key, truncated, or written by a program that does not hold
+the secret is a miss (``stats()["decode_errors"]``), never somebody else's session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import re
+import secrets
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType, TracebackType
+from typing import Any
+
+from . import _args
+from ._errors import CacheClosed, CacheUnavailable, InvalidArgument, InvalidType
+from .codecs import Codec, PickleCodec
+
+Clock = Callable[[], float]
+
+_VERSION = 1
+_HEAD = struct.Struct("<Bq")  # version, deadline ms
+_MAC_SIZE = 16
+_VALUE_START = _HEAD.size + _MAC_SIZE
+_MAX_MS = (1 << 63) - 1
+_SECRET_TRIES = 3  # a secret replaced twice during one call means someone keeps deleting it
+_SCAN_COUNT = 1000
+_DEFAULT_TIMEOUT = 1.0  # seconds; redis-py's own default is to wait forever
+_GLOB_SPECIALS = re.compile(r"([*?\[\]\\])")
+
+# Secret-change listeners run outside any lock; a list copy is taken before each round.
+Listener = Callable[[], None]
+
+
+def import_redis() -> ModuleType:
+    """The redis-py package, or an ``ImportError`` that says how to get it."""
+    try:
+        import redis
+    except ImportError as exc:
+        raise ImportError(
+            "the Redis backend needs redis-py: pip install 'shmcache[redis]'"
+        ) from exc
+    return redis
+
+
+@dataclass(frozen=True)
+class _Secret:
+    raw: bytes  # as stored in Redis (shared mode) or as given
+    key_mac: Any  # blake2b state keyed for token -> key, copied per use
+    value_mac: Any  # blake2b state keyed for value authentication
+
+
+def _derive(raw: bytes) -> _Secret:
+    root = hashlib.blake2b(raw, digest_size=32, person=b"shmcache-root").digest()
+    return _Secret(
+        raw,
+        hashlib.blake2b(key=root, digest_size=16, person=b"shmcache-key"),
+        hashlib.blake2b(key=root, digest_size=_MAC_SIZE, person=b"shmcache-value"),
+    )
+
+
+class RedisSessionCache:
+    """A ``SessionCache`` on a Redis server: a logout on one host is a miss on every host.
+
+    ``client`` is a redis-py client (``decode_responses=False``; give it a ``socket_timeout``,
+    or a stalled server stalls your requests) or a URL (``redis://host:6379/0``,
+    ``rediss://...``, ``unix:///path/redis.sock``), from which a client is made with
+    ``timeout`` (default 1 s) as its socket and connect timeouts and one retry.
+
+    Tokens never reach Redis: keys are keyed hashes of them. The secret of that hash is
+    shared by every host in one of two ways:
+
+    * ``secret=None`` (default): a random 32-byte secret that the first process creates in
+      Redis (``SET {prefix}secret NX``) and all others read. Nothing to configure, and
+      Redis dumps, replicas, ``MONITOR`` and slow logs hold no token. But whoever can read
+      Redis can read the secret too: they cannot recover a token from a key, but they can
+      check a guessed one, and forge values (use ``JsonCodec``, not pickle, if that
+      matters). Every call also re-reads the secret in the same transaction, so a secret
+      that disappears (``FLUSHDB``, an ``allkeys-*`` eviction policy) is replaced once and
+      noticed by every host at its next call: hosts never split into two key spaces, where
+      a logout on one would not reach the other. A process must reach Redis once before it
+      can hash a token.
+    * ``secret=b"..."`` (from your secret store, the same on every host): Redis alone
+      reveals nothing, values written without the secret are refused (so pickle is safe
+      even if Redis is not), and no secret is read per call. Hosts with different secrets
+      under one prefix do not see each other's logouts: treat it like a database password.
+
+    ``fail_open=False`` (default): a Redis that cannot be reached or refuses a command
+    raises ``CacheUnavailable`` (a ``ConnectionError``). ``fail_open=True``: ``get`` counts
+    it (``stats()["unavailable"]``) and returns a miss, so the app validates the token
+    against its database; ``set`` counts it and stores nothing (a session set before the
+    outage stays until its TTL ends). ``invalidate`` and ``clear`` raise in both modes.
+
+    ``clock`` is for tests: if given, each value also carries its deadline on that clock and
+    is a miss from then on (Redis's own expiry still applies). All hosts would have to
+    share it, so the default is Redis's expiry alone.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        prefix: str = "shmcache:",
+        codec: Codec | None = None,
+        secret: bytes | str | None = None,
+        fail_open: bool = False,
+        timeout: float | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        redis = import_redis()
+        if not isinstance(prefix, str) or not prefix:
+            raise InvalidArgument(f"prefix must be a non-empty str, got {prefix!r}")
+        if not isinstance(fail_open, bool):
+            raise InvalidArgument(f"fail_open must be True or False, got {fail_open!r}")
+        if isinstance(client, str):
+            self._client = _client_from_url(
+                redis, client, _DEFAULT_TIMEOUT if timeout is None else timeout
+            )
+            self._owns_client = True
+        else:
+            if timeout is not None:
+                raise InvalidArgument(
+                    "timeout applies to a client made from a URL; set socket_timeout on the "
+                    "client you pass instead"
+                )
+            _check_client(client)
+            self._client = client
+            self._owns_client = False
+        if secret is None:
+            self._fixed: _Secret | None = None
+        else:
+            raw = secret.encode() if isinstance(secret, str) else secret
+            if not isinstance(raw, bytes) or len(raw) < 16:
+                raise InvalidArgument("secret must be bytes or str of at least 16 bytes")
+            self._fixed = _derive(raw)
+        self._secret: _Secret | None = self._fixed
+        self._prefix = prefix
+        self._secret_key = prefix + "secret"
+        self._channel = prefix + "invalidations"
+        self._codec: Codec = codec if codec is not None else PickleCodec()
+        self._fail_open = fail_open
+        self._clock = clock
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self._listeners: list[Listener] = []
+        self._secret_lock = threading.Lock()
+        self._closed = False
+        self._hits = 0
+        self._misses = 0
+        self._unavailable = 0
+        self._decode_errors = 0
+
+    # -- the SessionCache protocol -------------------------------------------------------
+
+    def get(self, token: str) -> Any | None:
+        """The session cached for ``token``, or None; never raises because of what Redis
+        holds (a foreign, damaged or undecodable value is a miss)."""
+        _args.check_token(token)
+        self._ensure_open()
+        try:
+            found = self.lookup(token) if token else None
+        except CacheUnavailable:
+            if not self._fail_open:
+                raise
+            found = None
+        if found is None:
+            self._misses += 1
+            return None
+        self._hits += 1
+        return found[0]
+
+    def set(self, token: str, session: Any, ttl_seconds: float) -> None:
+        """Cache ``session`` for ``ttl_seconds`` (a Redis expiry, millisecond precision)."""
+        ttl = _args.check_set_args(token, ttl_seconds)
+        self._ensure_open()
+        try:
+            self.store(token, session, ttl)
+        except CacheUnavailable:
+            if not self._fail_open:
+                raise
+
+    def invalidate(self, token: str) -> None:
+        """Delete ``token`` in Redis and announce it; raises ``CacheUnavailable`` rather
+        than return without having deleted it (whatever ``fail_open`` says)."""
+        _args.check_token(token)
+        self._ensure_open()
+        if token:
+            self.remove(token)
+
+    def clear(self) -> None:
+        """Delete every session under this prefix (SCAN + UNLINK, never FLUSHDB: other data
+        in the database stays), then announce it. O(keys in the database); raises
+        ``CacheUnavailable`` if Redis cannot be reached."""
+        self._ensure_open()
+        pattern = _GLOB_SPECIALS.sub(r"\\\1", self._prefix) + "s:*"
+        client = self._client
+
+        def sweep() -> None:
+            cursor = 0
+            while True:
+                cursor, keys = client.scan(cursor, match=pattern, count=_SCAN_COUNT)
+                if keys:
+                    client.unlink(*keys)
+                if not cursor:
+                    return
+
+        self._call("clear", sweep)
+        self._call("clear", lambda: client.publish(self._channel, b"c"))
+
+    # -- the pieces TieredSessionCache builds on ----------------------------------------
+
+    def key_of(self, token: str) -> str:
+        """The 32-hex-digit keyed hash that stands for ``token`` in Redis and in messages."""
+        return self._hash(self._current_secret("get"), token)
+
+    def lookup(self, token: str) -> tuple[Any, float, str] | None:
+        """``(session, seconds it has left, key hash)``, or None; raises ``CacheUnavailable``."""
+        def queue(pipe: Any, full: str, secret: _Secret) -> None:
+            pipe.get(full)
+            pipe.pttl(full)
+
+        (raw, pttl), key, secret = self._transact("get", token, queue)
+        if not isinstance(raw, bytes):
+            return None  # absent, or an error such as WRONGTYPE: a miss, not our business
+        found = self._decode(secret, raw, self._prefix + "s:" + key, pttl)
+        return None if found is None else (found[0], found[1], key)
+
+    def store(self, token: str, session: Any, ttl: float) -> str:
+        """Write ``session`` (``ttl`` already checked); returns the key hash used."""
+        payload = self._codec.encode(session)
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise InvalidType(f"codec.encode returned {type(payload).__name__}, not bytes")
+        px = max(1, math.ceil(ttl * 1000))
+        deadline = 0  # none: Redis's expiry alone
+        if self._clock is not None:
+            deadline = min(_MAX_MS, max(1, round((self._clock() + ttl) * 1000)))
+
+        def queue(pipe: Any, full: str, secret: _Secret) -> None:
+            head = _HEAD.pack(_VERSION, deadline)
+            pipe.set(full, head + _mac(secret, full, head, payload) + bytes(payload), px=px)
+
+        results, key, _ = self._transact("set", token, queue)
+        _raise_errors("set", results)
+        return key
+
+    def remove(self, token: str) -> str:
+        """Delete ``token``'s entry and publish its key hash; returns the key hash."""
+        def queue(pipe: Any, full: str, secret: _Secret) -> None:
+            pipe.unlink(full)
+            pipe.publish(self._channel, b"i:" + full[-32:].encode())
+
+        results, key, _ = self._transact("invalidate", token, queue)
+        _raise_errors("invalidate", results)
+        return key
+
+    def add_secret_listener(self, listener: Listener) -> None:
+        """Call ``listener()`` whenever this object learns that the shared secret changed
+        (every key hash it gave out before is then stale)."""
+        self._listeners.append(listener)
+
+    def pubsub(self) -> Any:
+        """A redis-py PubSub subscribed to nothing yet, on this cache's client."""
+        return self._client.pubsub()
+
+    @property
+    def channel(self) -> str:
+        return self._channel
+
+    @property
+    def fail_open(self) -> bool:
+        return self._fail_open
+
+    @property
+    def unavailable_errors(self) -> tuple[type[BaseException], ...]:
+        """The exceptions a call to the client raises when Redis is unreachable or refuses."""
+        return self._errors
+
+    # -- figures and lifetime ------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """This object's figures (Redis holds no counters of ours): ``unavailable`` counts
+        calls that could not reach Redis or were refused, raised or not."""
+        return {
+            "backend": "redis",
+            "prefix": self._prefix,
+            "hits": self._hits,
+            "misses": self._misses,
+            "unavailable": self._unavailable,
+            "decode_errors": self._decode_errors,
+            "fail_open": self._fail_open,
+            "shared_secret": self._fixed is None,
+        }
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Close the client if this object made it from a URL (a client passed in is yours)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._owns_client:
+            self._client.close()
+
+    def __enter__(self) -> RedisSessionCache:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"prefix={self._prefix!r}"
+        return f"<RedisSessionCache {state}>"
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise CacheClosed("this RedisSessionCache is closed")
+
+    def _call(self, op: str, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` (client calls); any Redis or socket failure is ``CacheUnavailable``."""
+        try:
+            return fn()
+        except self._errors as exc:
+            self._unavailable += 1
+            raise CacheUnavailable(
+                f"Redis {op} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _hash(self, secret: _Secret, token: str) -> str:
+        mac = secret.key_mac.copy()
+        mac.update(_args.token_bytes(token))
+        return str(mac.hexdigest())
+
+    def _transact(
+        self, op: str, token: str, queue: Callable[[Any, str, _Secret], None]
+    ) -> tuple[list[Any], str, _Secret]:
+        """Run the commands ``queue`` adds for ``token``'s key in one MULTI/EXEC.
+
+        In shared-secret mode the transaction also reads the secret: if it is not the one
+        the key was hashed with, the secret is re-read and the commands run again under the
+        new one, so no call ever acts on a key space other hosts no longer use.
+        """
+        for _ in range(_SECRET_TRIES):
+            secret = self._current_secret(op)
+            key = self._hash(secret, token)
+            full = self._prefix + "s:" + key
+            shared = self._fixed is None
+
+            def run(secret: _Secret = secret, full: str = full, shared: bool = shared) -> Any:
+                pipe = self._client.pipeline(transaction=True)
+                if shared:
+                    pipe.get(self._secret_key)
+                queue(pipe, full, secret)
+                return pipe.execute(raise_on_error=False)
+
+            results = list(self._call(op, run))
+            if not shared:
+                return results, key, secret
+            if results[0] == secret.raw:
+                return results[1:], key, secret
+            self._forget_secret(secret)
+        self._unavailable += 1
+        raise CacheUnavailable(
+            f"Redis {op} failed: {self._secret_key!r} changed {_SECRET_TRIES} times during "
+            "one call (is something deleting it?)"
+        )
+
+    def _current_secret(self, op: str) -> _Secret:
+        secret = self._secret
+        if secret is not None:
+            return secret
+        fresh = secrets.token_bytes(32)
+
+        def load() -> Any:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.set(self._secret_key, fresh, nx=True)
+            pipe.get(self._secret_key)
+            return pipe.execute(raise_on_error=False)
+
+        created, raw = self._call(op, load)
+        if not isinstance(raw, bytes) or not raw:
+            self._unavailable += 1
+            raise CacheUnavailable(
+                f"Redis key {self._secret_key!r} does not hold a shmcache secret "
+                f"(got {type(raw).__name__}): does another program use the prefix "
+                f"{self._prefix!r}?"
+            )
+        with self._secret_lock:
+            secret = self._secret
+            if secret is None or secret.raw != raw:
+                secret = self._secret = _derive(raw)
+        if created is True:
+            # A new secret orphans every key made under an old one: hosts that still hash
+            # with the old one drop what they copied locally (TieredSessionCache) at once.
+            self._call(op, lambda: self._client.publish(self._channel, b"c"))
+        return secret
+
+    def _forget_secret(self, stale: _Secret) -> None:
+        with self._secret_lock:
+            if self._secret is stale:
+                self._secret = None
+        for listener in list(self._listeners):
+            listener()
+
+    def _decode(
+        self, secret: _Secret, raw: bytes, full: str, pttl: Any
+    ) -> tuple[Any, float] | None:
+        if len(raw) < _VALUE_START:
+            self._decode_errors += 1
+            return None
+        version, deadline = _HEAD.unpack_from(raw)
+        mac = raw[_HEAD.size : _VALUE_START]
+        payload = raw[_VALUE_START:]
+        if version != _VERSION or not hmac.compare_digest(
+            mac, _mac(secret, full, raw[: _HEAD.size], payload)
+        ):
+            self._decode_errors += 1
+            return None
+        # PTTL -1 (no expiry) cannot come from our SET ... PX; the MAC says it is ours, so
+        # someone PERSISTed it: trust the deadline, if any.
+        left = pttl / 1000 if isinstance(pttl, int) and pttl >= 0 else math.inf
+        if self._clock is not None and deadline:
+            now = self._clock()
+            if round(now * 1000) >= deadline:
+                return None
+            left = min(left, deadline / 1000 - now)
+        try:
+            session = self._codec.decode(payload)
+        except Exception:  # a codec that cannot read it: a miss, as in the shared table
+            self._decode_errors += 1
+            return None
+        return session, left
+
+
+def _mac(secret: _Secret, full: str, head: bytes, payload: Any) -> bytes:
+    mac = secret.value_mac.copy()
+    mac.update(full.encode())
+    mac.update(head)
+    mac.update(payload)
+    return bytes(mac.digest())
+
+
+def _raise_errors(op: str, results: list[Any]) -> None:
+    for result in results:
+        if isinstance(result, Exception):
+            raise CacheUnavailable(f"Redis refused {op}: {result}")
+
+
+def _check_client(client: Any) -> None:
+    if not callable(getattr(client, "pipeline", None)):
+        raise InvalidType(
+            f"client must be a redis-py client or a URL, got {type(client).__name__}"
+        )
+    kwargs = getattr(client, "get_connection_kwargs", None)
+    if callable(kwargs) and kwargs().get("decode_responses"):
+        raise InvalidArgument("the client must return bytes: make it with decode_responses=False")
+
+
+def _client_from_url(redis: ModuleType, url: str, timeout: float) -> Any:
+    timeout = _args.positive_number("timeout", timeout)
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    try:
+        # One retry: a pooled connection that Redis closed (a restart, an idle timeout)
+        # fails once and is replaced; redis-py's default of 10 retries with backoff would
+        # hold every request for seconds when Redis is really down.
+        return redis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 1),
+        )
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgument(f"bad Redis URL {redact(url)!r}: {exc}") from None
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
+

@@ -1,0 +1,143 @@
+"""A real gunicorn, real HTTP, several workers: the reason this project exists.
+
+Every test starts gunicorn on a free loopback port with ``shmcache._demo._serve`` (the
+same harness the demo uses) and talks to it with plain HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from shmcache import SharedMemorySessionCache
+from shmcache._demo import Server, logout_scenario, reset_scenario, serve
+
+ROOT = Path(__file__).resolve().parent.parent
+WAIT = 60.0  # generous: turns a hang into a failure, never a speed requirement
+
+
+def _gone(name: str) -> bool:
+    return not os.path.exists(f"/dev/shm/{name}") and not os.path.exists(f"/dev/shm/sem.{name}")
+
+
+def _wait_for(predicate, what: str, timeout: float = WAIT) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.parametrize("preload", [False, True], ids=["no-preload", "preload"])
+def test_logout_in_one_worker_is_seen_by_all(preload: bool) -> None:
+    with serve("shm", preload=preload) as server:
+        result = logout_scenario(server)
+        assert len(server.seen) == 4
+        name = server.name
+    assert result["accepted"] == 0
+    assert _gone(name), "shutdown must leave nothing in /dev/shm"
+
+
+def test_the_seed_cache_keeps_accepting_after_logout() -> None:
+    """The same scenario on the seed's per-process cache shows the bug (so the test above
+    could fail): the workers that did not handle the logout still accept the token."""
+    with serve("memory") as server:
+        result = logout_scenario(server)
+    assert result["accepted"] > 0
+
+
+def test_reset_from_the_cli_is_seen_by_running_workers() -> None:
+    with serve("shm") as server:
+        result = reset_scenario(server)
+    assert result["cached_before_reset"] == result["users"]
+    assert result["cached_after_reset"] == 0
+
+
+def test_uvicorn_workers_share_logout() -> None:
+    """FastAPI-style apps under gunicorn's uvicorn worker class: a Starlette app whose only
+    session store is the shared cache (value mode): a login in one worker is valid in all,
+    and a logout in one is seen by all."""
+    env = {"PYTHONPATH": str(ROOT)}
+    extra = "worker_class = 'uvicorn_worker.UvicornWorker'\n"
+    with serve("shm", app="tests._asgi_app:app", extra_config=extra, env=env) as server:
+        status, body = server.request("POST", "/login")
+        assert status == 200
+        token = body["token"]
+        server.until_every_worker(token)  # 200 from every worker: set in one, hit in all
+        status, _ = server.request("POST", "/logout", token)
+        assert status == 200
+        statuses = [server.request("GET", "/me", token)[0] for _ in range(40)]
+        name = server.name
+    assert statuses == [401] * 40
+    assert len(server.seen) == 4
+    assert _gone(name)
+
+
+def _hold_lock(server: Server, token: str) -> None:
+    try:
+        server.request("GET", "/test/hold-lock", token)
+    except OSError:
+        pass  # the worker is killed under this request: the connection drops
+
+
+def test_worker_killed_holding_the_lock_is_recovered_by_child_exit() -> None:
+    with serve("shm", env={"SHMCACHE_DEMO_TEST_HOOKS": "1"}) as server:
+        observer = SharedMemorySessionCache.attach(server.name)
+        try:
+            threading.Thread(target=_hold_lock, args=(server, ""), daemon=True).start()
+            _wait_for(lambda: observer.stats()["lock_owner"] is not None, "a worker to hold it")
+            holder = observer.stats()["lock_owner"]
+            assert observer.stats()["lock_owner_alive"]
+            os.kill(holder, signal.SIGKILL)
+            # No request is made until the lock is free again: only the master's child_exit
+            # hook can have recovered it.
+            _wait_for(lambda: observer.stats()["lock_recoveries"] == 1, "child_exit recovery")
+            assert observer.stats()["lock_owner"] is None
+            result = logout_scenario(server)  # and the server keeps serving, coherently
+            assert result["accepted"] == 0
+            assert observer.check() == []
+        finally:
+            observer.close()
+
+
+def test_hup_reload_keeps_sessions() -> None:
+    with serve("shm") as server:
+        token = server.request("POST", "/login")[1]["token"]
+        server.until_every_worker(token)
+        old_workers = set(server.seen)
+        os.kill(server.process.pid, signal.SIGHUP)
+
+        def replaced() -> bool:  # eight answers in a row from workers born after the HUP
+            answers = {server.request("GET", "/health")[1]["worker"] for _ in range(8)}
+            return not answers & old_workers
+
+        _wait_for(replaced, "new workers after HUP")
+        # New workers, same segment: the session is still cached (value mode, so a worker
+        # that never saw it reads it from shared memory).
+        status, body = server.request("GET", "/me", token)
+        assert status == 200 and body["cached"] is True
+        assert body["worker"] not in old_workers
+        name = server.name
+    assert _gone(name)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_workers_that_drop_privileges_keep_working(tmp_path: Path) -> None:
+    extra = "user = 'nobody'\ngroup = 'nogroup'\n"
+    # preload: the interpreter may live under /root, unreadable once the workers are
+    # 'nobody', so everything the app needs is imported by the master before it forks.
+    with serve("shm", extra_config=extra, preload=True) as server:
+        os.chmod(server.workdir, 0o777)  # the demo's SQLite file, written by the workers
+        result = logout_scenario(server)
+        assert result["accepted"] == 0
+        st = os.stat(f"/dev/shm/{server.name}")
+        name = server.name
+    assert result["warmup_requests"] >= 4
+    assert st.st_uid != 0, "the master hands the segment to the workers' user"
+    assert _gone(name)
