@@ -137,8 +137,7 @@ def _wait_ready(server: Server, timeout: float = 60.0) -> None:
 
 def logout_scenario(server: Server, after: int = 40) -> dict[str, int]:
     """Log in, reach every worker, log out once, then count requests still accepted."""
-    status, body = server.request("POST", "/login")
-    token = body["token"]
+    token = server.request("POST", "/login")[1]["token"]
     warmup = server.until_every_worker(token)
     server.request("POST", "/logout", token)
     accepted = sum(server.request("GET", "/me", token)[0] == 200 for _ in range(after))

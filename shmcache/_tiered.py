@@ -1,0 +1,400 @@
+"""``TieredSessionCache``: the host's shared-memory table in front of Redis.
+
+A ``get`` that the local table answers costs what a shared-memory hit costs (plus one dict
+lookup for the token's key hash); only a local miss goes to Redis. Logouts reach the other
+hosts twice over:
+
+1. promptly: ``invalidate`` deletes the key in Redis and publishes its hash in the same
+   transaction; in every process a subscriber (a daemon thread, or your calls to
+   ``poll()``) drops that hash from its host's table as the message arrives;
+2. for certain: nothing is trusted locally for longer than ``max_staleness`` (S) seconds
+   after it was read from Redis. A local entry's TTL is ``min(ttl, S - time spent reading
+   it)``, counted from *before* the Redis read, so a copy read before a logout expires at
+   most S seconds after that logout, whatever happened to pub/sub, to Redis, or to the
+   process in between. After that the next ``get`` asks Redis again.
+
+So a session logged out on one host is accepted by another for at most S seconds (the
+bound), and usually for the time a pub/sub message takes (milliseconds). A subscriber that
+loses its connection drops the host's whole local table when it is back, since it may have
+missed messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from . import _args
+from ._errors import CacheUnavailable, InvalidArgument
+from ._protocol import SessionCache
+from ._redis import RedisSessionCache
+
+log = logging.getLogger("shmcache.tiered")
+
+Clock = Callable[[], float]
+_MEMO_MAX = 65536  # token -> key hash memo entries before it is emptied and refilled
+_POLL_SLICE = 0.2  # seconds a subscriber waits for a message before looking at its stop flag
+_BACKOFF_MAX = 2.0
+
+_instances: weakref.WeakSet[TieredSessionCache] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # Threads do not survive fork, and the parent's pub/sub socket is not ours to read.
+    for cache in list(_instances):
+        cache._forget_subscriber()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class TieredSessionCache:
+    """A host-local ``SessionCache`` (usually ``SharedMemorySessionCache`` with a value
+    area) in front of a ``RedisSessionCache`` that every host shares.
+
+    ``max_staleness`` (S, seconds, default 1) bounds how long a logout on another host can
+    go unseen here when pub/sub fails; smaller S means more Redis reads (each active token
+    at most once per S per host). ``subscribe=True`` (default) runs one daemon thread per
+    process, started at the first call in that process (so after a gunicorn fork too);
+    ``subscribe=False`` leaves it to you to call ``poll()``. ``fail_open`` is the remote's:
+    with it, a Redis outage turns local misses into misses instead of errors, while local
+    hits go on for at most S. ``invalidate`` and ``clear`` act on both tiers and raise
+    ``CacheUnavailable`` if Redis could not be told. ``clock`` measures the time a Redis read
+    took (tests pass the local tier's fake clock).
+
+    Local entries are stored under the token's key hash, never the token, so the hashes
+    published by other hosts find them. A local tier without a value area still works, but
+    each worker then fetches from Redis what another worker set.
+    """
+
+    def __init__(
+        self,
+        local: SessionCache,
+        remote: RedisSessionCache,
+        *,
+        max_staleness: float = 1.0,
+        subscribe: bool = True,
+        clock: Clock | None = None,
+    ) -> None:
+        if not isinstance(local, SessionCache):
+            raise InvalidArgument(f"local must be a SessionCache, got {type(local).__name__}")
+        if not isinstance(remote, RedisSessionCache):
+            raise InvalidArgument(
+                f"remote must be a RedisSessionCache, got {type(remote).__name__}"
+            )
+        if not isinstance(subscribe, bool):
+            raise InvalidArgument(f"subscribe must be True or False, got {subscribe!r}")
+        self._local = local
+        self._remote = remote
+        self._staleness = _args.positive_number("max_staleness", max_staleness)
+        self._clock: Clock = clock if clock is not None else time.monotonic
+        self._memo: dict[str, str] = {}
+        self._subscribe = subscribe
+        self._start_pending = subscribe  # checked on every call: a bool, not a getpid()
+        self._subscriber: _Subscriber | None = None
+        self._pubsub: Any = None  # poll()'s subscription
+        self._guard = threading.Lock()
+        self._closed = False
+        self._local_hits = 0
+        self._remote_hits = 0
+        self._misses = 0
+        self._messages = 0
+        self._resubscribes = 0
+        remote.add_secret_listener(self._secret_changed)
+        _instances.add(self)
+
+    # -- the SessionCache protocol -------------------------------------------------------
+
+    def get(self, token: str) -> Any | None:
+        """The session for ``token``: from the host's table if it has a copy younger than
+        S seconds, else from Redis (and copied locally)."""
+        if self._start_pending:
+            self._start_subscriber()
+        key = self._memo.get(token) if type(token) is str else None
+        if key is None:
+            _args.check_token(token)
+            if not token:
+                self._misses += 1
+                return None
+            try:
+                key = self._key(token)
+            except CacheUnavailable:
+                if not self._remote.fail_open:
+                    raise
+                self._misses += 1
+                return None
+        session = self._local.get(key)
+        if session is not None:
+            self._local_hits += 1
+            return session
+        return self._get_remote(token)
+
+    def _get_remote(self, token: str) -> Any | None:
+        started = self._clock()
+        try:
+            found = self._remote.lookup(token)
+        except CacheUnavailable:
+            if not self._remote.fail_open:
+                raise
+            found = None
+        if found is None:
+            self._misses += 1
+            return None
+        session, left, key = found
+        # Counted from before the read: a copy read before a logout dies S after it.
+        ttl = min(left, self._staleness - (self._clock() - started))
+        if ttl > 0:
+            self._local.set(key, session, ttl)
+        self._remote_hits += 1
+        return session
+
+    def set(self, token: str, session: Any, ttl_seconds: float) -> None:
+        """Write ``session`` to Redis, then to the host's table for at most S seconds."""
+        ttl = _args.check_set_args(token, ttl_seconds)
+        if self._start_pending:
+            self._start_subscriber()
+        try:
+            key = self._remote.store(token, session, ttl)
+        except CacheUnavailable:
+            if not self._remote.fail_open:
+                raise
+            return  # not in Redis: a local copy would outlive a logout elsewhere for S
+        self._local.set(key, session, min(ttl, self._staleness))
+
+    def invalidate(self, token: str) -> None:
+        """Delete ``token`` in Redis, announce it to every host, and drop the local copy.
+        Raises ``CacheUnavailable`` (after dropping the local copy it can name) rather than
+        return without Redis having deleted it."""
+        _args.check_token(token)
+        if not token:
+            return
+        key = self._memo.get(token)
+        try:
+            key = self._remote.remove(token)
+        finally:
+            if key is not None:
+                self._local.invalidate(key)
+
+    def clear(self) -> None:
+        """Delete every session in Redis (announced to every host) and on this host."""
+        try:
+            self._remote.clear()
+        finally:
+            self._local.clear()
+
+    # -- invalidation messages -----------------------------------------------------------
+
+    def poll(self, timeout: float = 0.0) -> int:
+        """Apply the invalidation messages that arrived (waiting up to ``timeout`` seconds
+        for the first); returns how many. For ``subscribe=False``; the first call
+        subscribes (and applies nothing older). Raises ``CacheUnavailable``."""
+        if self._subscribe:
+            raise InvalidArgument("poll() is for subscribe=False: a subscriber thread runs")
+        remote = self._remote
+        handled = 0
+
+        def drain() -> None:
+            nonlocal handled
+            if self._pubsub is None:
+                self._pubsub = remote.pubsub()
+                self._pubsub.subscribe(remote.channel)
+            wait = timeout
+            while True:
+                message = self._pubsub.get_message(timeout=wait)
+                if message is None:
+                    return
+                wait = 0.0
+                kind = message.get("type")
+                if kind == "subscribe":
+                    self._subscribed(message)
+                elif kind == "message":
+                    self.apply(message["data"])
+                    handled += 1
+
+        try:
+            drain()
+        except remote.unavailable_errors as exc:
+            self._drop_pubsub()
+            raise CacheUnavailable(f"Redis subscription failed: {exc}") from exc
+        return handled
+
+    def apply(self, data: bytes) -> None:
+        """Apply one invalidation message (``b"i:<hash>"`` or ``b"c"``) to the host's table."""
+        self._messages += 1
+        if data.startswith(b"i:"):
+            self._local.invalidate(data[2:].decode("ascii", "replace"))
+        elif data == b"c":
+            self._local.clear()
+        # anything else is from a newer version or another program: not ours to act on
+
+    @property
+    def subscribed(self) -> bool:
+        """True while this process's subscription is confirmed by Redis."""
+        subscriber = self._subscriber
+        return subscriber is not None and subscriber.confirmed.is_set()
+
+    def wait_subscribed(self, timeout: float) -> bool:
+        """Start the subscriber if needed and wait until Redis confirmed it (readiness
+        checks, tests); False if it was not confirmed within ``timeout`` seconds."""
+        if self._start_pending:
+            self._start_subscriber()
+        subscriber = self._subscriber
+        return subscriber is not None and subscriber.confirmed.wait(timeout)
+
+    # -- figures and lifetime ------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """This process's figures, with each tier's own ``stats()`` (if it has one)."""
+        local_stats = getattr(self._local, "stats", None)
+        return {
+            "backend": "tiered",
+            "max_staleness": self._staleness,
+            "local_hits": self._local_hits,
+            "remote_hits": self._remote_hits,
+            "hits": self._local_hits + self._remote_hits,
+            "misses": self._misses,
+            "messages": self._messages,
+            "resubscribes": self._resubscribes,
+            "subscribed": self.subscribed,
+            "local": local_stats() if callable(local_stats) else {},
+            "remote": self._remote.stats(),
+        }
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Stop the subscriber, then close both tiers."""
+        if self._closed:
+            return
+        self._closed = True
+        self._start_pending = False
+        with self._guard:
+            subscriber, self._subscriber = self._subscriber, None
+        if subscriber is not None:
+            subscriber.stop()
+        self._drop_pubsub()
+        try:
+            self._remote.close()
+        finally:
+            close = getattr(self._local, "close", None)
+            if callable(close):
+                close()
+
+    def __enter__(self) -> TieredSessionCache:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<TieredSessionCache {self._local!r} in front of {self._remote!r}>"
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _key(self, token: str) -> str:
+        key = self._remote.key_of(token)
+        memo = self._memo
+        if len(memo) >= _MEMO_MAX:
+            memo.clear()
+        memo[token] = key
+        return key
+
+    def _secret_changed(self) -> None:
+        # Every key hash handed out so far names a key space nobody uses any more.
+        self._memo.clear()
+        with contextlib.suppress(Exception):
+            self._local.clear()
+
+    def _subscribed(self, message: dict[str, Any]) -> None:
+        """A subscription was confirmed: if it is a re-subscription, messages may have been
+        lost in between, so nothing copied locally before can be vouched for."""
+        del message
+        self._resubscribes += 1
+        if self._resubscribes > 1:
+            self._local.clear()
+
+    def _start_subscriber(self) -> None:
+        with self._guard:
+            if not self._start_pending or self._closed:
+                return
+            self._start_pending = False
+            self._subscriber = _Subscriber(self)
+
+    def _forget_subscriber(self) -> None:
+        self._subscriber = None
+        self._pubsub = None
+        self._guard = threading.Lock()
+        self._resubscribes = 0
+        self._start_pending = self._subscribe and not self._closed
+
+    def _drop_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                pubsub.close()
+
+
+class _Subscriber:
+    """A daemon thread that applies invalidation messages to the host's table, and
+    resubscribes (with backoff) when the connection is lost."""
+
+    def __init__(self, cache: TieredSessionCache) -> None:
+        self._cache = weakref.ref(cache)  # the thread must not keep a dropped cache alive
+        self._remote = cache._remote
+        self.confirmed = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name="shmcache-invalidations", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(2 * _POLL_SLICE + 5)
+
+    def _run(self) -> None:
+        backoff = 0.05
+        while not self._stop.is_set():
+            pubsub = None
+            try:
+                pubsub = self._remote.pubsub()
+                pubsub.subscribe(self._remote.channel)
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=_POLL_SLICE)
+                    cache = self._cache()
+                    if cache is None or cache.closed:
+                        return
+                    if message is None:
+                        continue
+                    kind = message.get("type")
+                    if kind == "subscribe":
+                        cache._subscribed(message)
+                        self.confirmed.set()
+                        backoff = 0.05
+                    elif kind == "message":
+                        cache.apply(message["data"])
+                    del cache
+            except Exception as exc:  # Redis gone, or the local tier failed: resubscribe
+                self.confirmed.clear()
+                log.warning("shmcache: invalidation subscriber: %s; resubscribing", exc)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+            finally:
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        pubsub.close()
