@@ -122,7 +122,9 @@ def test_check_exits_1_on_damage(live: SharedMemorySessionCache) -> None:
     assert "slot" in result.stdout
 
 
-def test_unlock_refuses_a_live_owner_and_recovers_a_dead_one(live: SharedMemorySessionCache) -> None:
+def test_unlock_refuses_a_live_owner_and_recovers_a_dead_one(
+    live: SharedMemorySessionCache,
+) -> None:
     ctx = mp.get_context("fork")
     ready, release = ctx.Event(), ctx.Event()
 
