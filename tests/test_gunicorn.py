@@ -140,3 +140,61 @@ def test_workers_that_drop_privileges_keep_working(tmp_path: Path) -> None:
     assert result["warmup_requests"] >= 4
     assert st.st_uid != 0, "the master hands the segment to the workers' user"
     assert _gone(name)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def test_binary_upgrade_usr2_shares_the_segment_and_leaves_no_name_behind() -> None:
+    """USR2 starts a new master beside the old one (same app, same layout): it must share
+    the segment, keep the sessions, survive the old master's exit, and clean up at its own."""
+    with serve("shm") as server:
+        old_master = server.process.pid
+        old_workers = set(_children(old_master))
+        token = server.request("POST", "/login")[1]["token"]
+        server.until_every_worker(token)
+        os.kill(old_master, signal.SIGUSR2)
+        found: list[int] = []
+
+        def new_master_ready() -> bool:
+            for pid in _children(old_master):
+                if pid not in old_workers and len(_children(pid)) >= 4:
+                    found.append(pid)
+                    return True
+            return False
+
+        _wait_for(new_master_ready, "the new master and its workers")
+        new_master = found[0]
+        try:
+            os.kill(old_master, signal.SIGTERM)  # retire the old generation
+            server.process.wait(WAIT)
+            assert os.path.exists(f"/dev/shm/{server.name}"), "old master must not unlink"
+
+            def served_by_new_generation() -> bool:
+                answers = {server.request("GET", "/health")[1]["worker"] for _ in range(8)}
+                return answers <= set(_children(new_master))
+
+            _wait_for(served_by_new_generation, "requests served by the new master's workers")
+            status, body = server.request("GET", "/me", token)
+            assert status == 200 and body["cached"] is True  # same segment, same sessions
+            server.request("POST", "/logout", token)
+            assert server.request("GET", "/me", token)[0] == 401
+        finally:
+            if _alive(new_master):
+                os.kill(new_master, signal.SIGTERM)
+            _wait_for(lambda: not _alive(new_master), "the new master to stop")
+        name = server.name
+    assert _gone(name)
