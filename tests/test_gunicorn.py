@@ -198,3 +198,42 @@ def test_binary_upgrade_usr2_shares_the_segment_and_leaves_no_name_behind() -> N
             _wait_for(lambda: not _alive(new_master), "the new master to stop")
         name = server.name
     assert _gone(name)
+
+
+def test_uvicorn_own_workers_attach_by_name(segment_name: str) -> None:
+    """uvicorn --workers spawns (no fork, no master hook): get_cache() attaches by
+    SHMCACHE_NAME, the first worker creating the segment."""
+    import subprocess
+    import sys
+
+    from shmcache._demo import free_port
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SHMCACHE_NAME": segment_name,
+           "SHMCACHE_VALUE_SIZE": "256", "SHMCACHE_CAPACITY": "1024"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "tests._asgi_app:app", "--workers", "2",
+         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    server = Server(port, segment_name, proc, str(ROOT))
+    try:
+        def up() -> bool:
+            try:
+                server.request("GET", "/health")
+                return True
+            except OSError:
+                return False
+
+        _wait_for(up, "uvicorn to listen")
+        token = server.request("POST", "/login")[1]["token"]
+        server.until_every_worker(token, workers=2)
+        server.request("POST", "/logout", token)
+        statuses = [server.request("GET", "/me", token)[0] for _ in range(20)]
+        assert statuses == [401] * 20
+        assert len(server.seen) == 2
+        with SharedMemorySessionCache.attach(segment_name) as observer:
+            assert observer.value_size == 256
+    finally:
+        proc.terminate()
+        proc.wait(WAIT)
