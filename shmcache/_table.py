@@ -9,8 +9,8 @@ C-level ``find`` over the contiguous tag array, so they never stop at an empty s
 removal simply zeroes its slot: there are no tombstones to pile up under churn, and every
 probe touches at most ``W`` slots whatever the bytes in the segment say.
 
-Lock-free reads (why a reader never accepts half a slot): a writer first stores 0 in the
-slot's check word, then the tag, meta and value, then the new check (see ``_layout``),
+Lock-free reads (why a reader never accepts half a slot): a writer stores the tag, meta and
+value, then the new check word last (see ``_layout``),
 whose low 40 bits are a keyed hash of tag|meta|value. A reader copies the slot and accepts
 it only if those bits match the hash of the bytes it read. A copy that mixes two writes (or
 a write cut short by a SIGKILL) matches only by a 2**-40 accident, whatever order the CPU
@@ -222,7 +222,9 @@ class Table:
         words = self.words
         words[W_JOURNAL] = _OP_SLOT_BITS | slot
         cw = self._checks_w + slot
-        words[cw] = 0  # from here until the last store, every reader sees "invalid"
+        # No "check = 0" first: until the new check lands, a reader that copies the slot
+        # sees bytes that do not match the old check (a miss), and a reader that compares
+        # only the check word sees the old entry, which is still the latest complete write.
         t = self._tags + slot * TAG_SIZE
         self._buf[t : t + TAG_SIZE] = tag
         mw = self._rec_w + slot * self._rw
