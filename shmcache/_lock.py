@@ -101,7 +101,7 @@ class SegmentLock:
             return self._wait()
         words = self._words
         if words[W_OWNER]:
-            return self._wait()  # taken over while we stalled: see _claim
+            return self._wait(absorbed=True)  # taken over while we stalled: see _claim
         gen = (words[W_GEN] + 1) & U64
         words[W_GEN] = gen
         words[W_OWNER] = self._me
@@ -127,16 +127,18 @@ class SegmentLock:
         words[W_OWNER] = self._me
         return gen
 
-    def _wait(self) -> int:
+    def _wait(self, absorbed: bool = False) -> int:
         blocked = _TIMED_WAIT and bool(_ALL_SIGNALS)
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS) if blocked else None
         try:
-            return self._wait_loop(old_mask)
+            return self._wait_loop(old_mask, absorbed)
         finally:
             if old_mask is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
-    def _wait_loop(self, old_mask: Any) -> int:
+    def _wait_loop(self, old_mask: Any, absorbed: bool) -> int:
+        """Wait for the lock. ``absorbed``: we took the semaphore but found an owner word set,
+        so our decrement may be the one a recoverer took over (it will post when done)."""
         words = self._words
         observed = (words[W_OWNER], words[W_GEN])
         since = time.monotonic()
@@ -145,6 +147,7 @@ class SegmentLock:
                 gen = self._claim()
                 if gen >= 0:
                     return gen
+                absorbed = True
             if old_mask is not None:
                 # Let pending signals in: their Python handlers run now, and a SystemExit
                 # or KeyboardInterrupt they raise propagates out of acquire().
@@ -161,6 +164,11 @@ class SegmentLock:
                     gen = self._take_over(current)
                     if gen >= 0:
                         return gen
+                elif now - since >= self.timeout and absorbed:
+                    # We hold a decrement and the "owner" has not moved for a whole
+                    # timeout: no recoverer holds a critical section that long, so the word
+                    # is garbage (a damaged segment). The decrement is ours: claim it.
+                    return self._claim_absorbed()
                 elif now - since >= self.timeout:
                     raise LockTimeout(
                         f"process {owner & _proc.PID_MASK} has held the shmcache lock for "
@@ -170,6 +178,19 @@ class SegmentLock:
                 gen = self._take_over(current)
                 if gen >= 0:
                     return gen
+
+    def _claim_absorbed(self) -> int:
+        words = self._words
+        gen = (words[W_GEN] + 1) & U64
+        words[W_GEN] = gen
+        words[W_OWNER] = self._me
+        words[W_RECOVERIES] = (words[W_RECOVERIES] + 1) & U64
+        try:
+            self._on_recover()
+        except BaseException:
+            self.release()
+            raise
+        return gen
 
     def _wait_slice(self) -> bool:
         try:
