@@ -3,10 +3,15 @@
 A fixed-size hash table in a named POSIX shared-memory segment, guarded by a semaphore that
 survives the death of its holder, behind the ``SessionCache`` protocol of the seed app, so
 that a logout seen by one gunicorn worker is seen by all.
+
+Beyond one host, ``RedisSessionCache`` and ``TieredSessionCache`` (the shared-memory table in
+front of Redis) implement the same protocol, and ``open_cache(url)`` chooses a backend from
+one configuration string.
 """
 
 from ._errors import (
     CacheClosed,
+    CacheUnavailable,
     IncompatibleSegment,
     InvalidArgument,
     InvalidType,
@@ -19,14 +24,18 @@ from ._errors import (
     ShmCacheError,
 )
 from ._memory import InMemorySessionCache, NoOpSessionCache
+from ._open import open_cache
 from ._protocol import SessionCache
+from ._redis import RedisSessionCache
 from ._shm import SharedMemorySessionCache
+from ._tiered import TieredSessionCache
 from .codecs import Codec, JsonCodec, PickleCodec
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CacheClosed",
+    "CacheUnavailable",
     "Codec",
     "InMemorySessionCache",
     "IncompatibleSegment",
@@ -37,6 +46,7 @@ __all__ = [
     "NoOpSessionCache",
     "NoSpace",
     "PickleCodec",
+    "RedisSessionCache",
     "SegmentCorrupted",
     "SegmentExists",
     "SegmentNotFound",
@@ -44,4 +54,6 @@ __all__ = [
     "SessionCache",
     "SharedMemorySessionCache",
     "ShmCacheError",
+    "TieredSessionCache",
+    "open_cache",
 ]

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType, TracebackType
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 from . import _args
 from ._errors import CacheClosed, CacheUnavailable, InvalidArgument, InvalidType
@@ -48,8 +49,7 @@ _SCAN_COUNT = 1000
 _DEFAULT_TIMEOUT = 1.0  # seconds; redis-py's own default is to wait forever
 _GLOB_SPECIALS = re.compile(r"([*?\[\]\\])")
 
-# Secret-change listeners run outside any lock; a list copy is taken before each round.
-Listener = Callable[[], None]
+Listener = Callable[[], None]  # told that the shared secret changed (called outside locks)
 
 
 def import_redis() -> ModuleType:
@@ -230,7 +230,13 @@ class RedisSessionCache:
 
     def key_of(self, token: str) -> str:
         """The 32-hex-digit keyed hash that stands for ``token`` in Redis and in messages."""
+        self._ensure_open()
         return self._hash(self._current_secret("get"), token)
+
+    def cached_key_of(self, token: str) -> str | None:
+        """``key_of(token)`` if it needs no call to Redis (the secret is known), else None."""
+        secret = self._secret
+        return None if secret is None else self._hash(secret, token)
 
     def lookup(self, token: str) -> tuple[Any, float, str] | None:
         """``(session, seconds it has left, key hash)``, or None; raises ``CacheUnavailable``."""
@@ -367,6 +373,7 @@ class RedisSessionCache:
         the key was hashed with, the secret is re-read and the commands run again under the
         new one, so no call ever acts on a key space other hosts no longer use.
         """
+        self._ensure_open()
         for _ in range(_SECRET_TRIES):
             secret = self._current_secret(op)
             key = self._hash(secret, token)
@@ -385,6 +392,9 @@ class RedisSessionCache:
                 return results, key, secret
             if results[0] == secret.raw:
                 return results[1:], key, secret
+            # MULTI is not conditional: the commands also ran under the old key, where a
+            # set leaves an entry nobody reads (it expires) and a delete changed nothing
+            # anyone reads. What counts is the run under the secret everybody uses now.
             self._forget_secret(secret)
         self._unavailable += 1
         raise CacheUnavailable(
@@ -483,8 +493,32 @@ def _check_client(client: Any) -> None:
         raise InvalidArgument("the client must return bytes: make it with decode_responses=False")
 
 
+# redis-py connection options that its URL parser passes through as strings (TLS files
+# and the like); the rest of what it accepts comes from its own table at run time.
+_REDIS_PY_EXTRA = {
+    "client_name", "ssl_ca_certs", "ssl_ca_path", "ssl_ca_data", "ssl_certfile",
+    "ssl_keyfile", "ssl_cert_reqs", "ssl_password", "ssl_check_hostname", "ssl_min_version",
+}
+
+
+def redis_py_url_params() -> set[str]:
+    """The query parameters redis-py's ``from_url`` turns into connection options."""
+    import_redis()
+    from redis.connection import URL_QUERY_ARGUMENT_PARSERS
+
+    # "timeout" is in redis-py's table, but its connections reject it: it is ours.
+    return {*URL_QUERY_ARGUMENT_PARSERS, *_REDIS_PY_EXTRA} - {"timeout"}
+
+
 def _client_from_url(redis: ModuleType, url: str, timeout: float) -> Any:
     timeout = _args.positive_number("timeout", timeout)
+    known = redis_py_url_params()
+    for key, _ in parse_qsl(urlsplit(url).query, keep_blank_values=True):
+        if key not in known:
+            raise InvalidArgument(
+                f"parameter {key!r} in {redact(url)!r} is not a redis-py connection option "
+                "(pass prefix, timeout and fail_open as arguments, or use open_cache)"
+            )
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 

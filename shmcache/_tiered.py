@@ -165,7 +165,8 @@ class TieredSessionCache:
         except CacheUnavailable:
             if not self._remote.fail_open:
                 raise
-            return  # not in Redis: a local copy would outlive a logout elsewhere for S
+            return  # counted; stored nowhere, as RedisSessionCache does: the next get revalidates
+        self._remember(token, key)
         self._local.set(key, session, min(ttl, self._staleness))
 
     def invalidate(self, token: str) -> None:
@@ -175,10 +176,12 @@ class TieredSessionCache:
         _args.check_token(token)
         if not token:
             return
-        key = self._memo.get(token)
+        key = None
         try:
             key = self._remote.remove(token)
         finally:
+            # Redis unreachable: drop the copy under the hash we can still compute.
+            key = key or self._memo.get(token) or self._remote.cached_key_of(token)
             if key is not None:
                 self._local.invalidate(key)
 
@@ -213,7 +216,7 @@ class TieredSessionCache:
                 wait = 0.0
                 kind = message.get("type")
                 if kind == "subscribe":
-                    self._subscribed(message)
+                    self._subscribed()
                 elif kind == "message":
                     self.apply(message["data"])
                     handled += 1
@@ -307,11 +310,14 @@ class TieredSessionCache:
 
     def _key(self, token: str) -> str:
         key = self._remote.key_of(token)
+        self._remember(token, key)
+        return key
+
+    def _remember(self, token: str, key: str) -> None:
         memo = self._memo
         if len(memo) >= _MEMO_MAX:
             memo.clear()
         memo[token] = key
-        return key
 
     def _secret_changed(self) -> None:
         # Every key hash handed out so far names a key space nobody uses any more.
@@ -319,10 +325,10 @@ class TieredSessionCache:
         with contextlib.suppress(Exception):
             self._local.clear()
 
-    def _subscribed(self, message: dict[str, Any]) -> None:
-        """A subscription was confirmed: if it is a re-subscription, messages may have been
-        lost in between, so nothing copied locally before can be vouched for."""
-        del message
+    def _subscribed(self) -> None:
+        """A subscription was confirmed: if it is a re-subscription (ours, or redis-py's
+        after a reconnect), messages may have been lost in between, so nothing copied
+        locally before can be vouched for."""
         self._resubscribes += 1
         if self._resubscribes > 1:
             self._local.clear()
@@ -383,7 +389,7 @@ class _Subscriber:
                         continue
                     kind = message.get("type")
                     if kind == "subscribe":
-                        cache._subscribed(message)
+                        cache._subscribed()
                         self.confirmed.set()
                         backoff = 0.05
                     elif kind == "message":

@@ -7,8 +7,15 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 
+import _redis_support
 import posix_ipc
 import pytest
+from _redis_support import (  # noqa: F401  (fixtures of the Redis tests, offered to all)
+    own_redis,
+    redis_prefix,
+    redis_raw,
+    redis_server,
+)
 
 from shmcache import SharedMemorySessionCache
 
@@ -53,6 +60,10 @@ def make_name() -> Iterator[Callable[[], str]]:
     yield make
     for name in names:
         _unlink(name)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _redis_support.stop_shared_server()  # if a test started it
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import _redis_support
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -24,19 +25,43 @@ from shmcache import (
     InvalidArgument,
     InvalidType,
     NoOpSessionCache,
+    RedisSessionCache,
     SegmentExists,
     SegmentNotFound,
     SessionCache,
     SharedMemorySessionCache,
     ShmCacheError,
+    TieredSessionCache,
 )
 
 START = 1000.0  # FakeClock's start (conftest)
 
 Factory = Callable[[Any, Callable[[], str]], Any]
 
+
+def _redis(clock: Any, make_name: Callable[[], str], **options: Any) -> RedisSessionCache:
+    # A real redis-server (started once per session; skips, saying why, without one) and a
+    # prefix of the test's own, so tests never see each other's keys.
+    server = _redis_support.shared_server()
+    return RedisSessionCache(server.url, prefix=make_name() + ":", clock=clock, **options)
+
+
 BACKENDS: dict[str, Factory] = {
     "inmemory": lambda clock, make_name: InMemorySessionCache(clock=clock),
+    "redis": _redis,
+    "redis-secret": lambda clock, make_name: _redis(
+        clock, make_name, secret=b"contract-suite-secret-0123456789"
+    ),
+    # S is large here so that expiry is the TTL's; tests/test_tiered.py tests S itself.
+    "shm+redis": lambda clock, make_name: TieredSessionCache(
+        remote=_redis(clock, make_name),  # first: it skips without a redis-server
+        local=SharedMemorySessionCache.create(
+            make_name(), capacity=256, value_size=256, clock=clock
+        ),
+        max_staleness=3600,
+        subscribe=False,
+        clock=clock,
+    ),
     "shm-hash": lambda clock, make_name: SharedMemorySessionCache.create(
         make_name(), capacity=256, clock=clock
     ),

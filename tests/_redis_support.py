@@ -1,0 +1,331 @@
+"""A real redis-server for the tests, their fixtures, and "hosts" in other processes.
+
+Nothing here is a test; conftest offers the fixtures to every module. Each server listens
+on a free loopback port and a unix socket in a temp dir, persists nothing (``--save ''
+--appendonly no``) and dies with the test process (PR_SET_PDEATHSIG), so a killed pytest
+leaves no server behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from shmcache import RedisSessionCache, SharedMemorySessionCache, TieredSessionCache
+
+START_TIMEOUT = 30.0  # generous: only turns a server that never comes up into a failure
+TIMEOUT = 30.0  # the same for a call that hangs; no test relies on it being short
+MISSING = (
+    "redis-server is not on PATH (apt-get install redis-server; .ci/run installs it) "
+    "or redis-py is not installed (pip install 'shmcache[redis]')"
+)
+
+
+def require_redis() -> None:
+    """Skip, saying why, if redis-server or redis-py is missing; under CI, fail instead:
+    CI installs both, so their absence there is a broken CI, not a reason to skip."""
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        found = False
+    else:
+        found = shutil.which("redis-server") is not None
+    if not found:
+        if os.environ.get("CI"):
+            pytest.fail(MISSING)
+        pytest.skip(MISSING)
+
+
+def _die_with_parent() -> None:
+    # The signal comes when the *thread* that started the server ends: start servers from
+    # the main thread (fixtures do), never from a helper thread.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """One redis-server process; ``stop``/``start`` keep its port, so clients reconnect."""
+
+    def __init__(self) -> None:
+        require_redis()
+        self.dir = tempfile.mkdtemp(prefix="shmcache-redis-")
+        self.port = _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def socket_path(self) -> str:
+        return os.path.join(self.dir, "redis.sock")
+
+    def start(self) -> None:
+        for _ in range(5):  # the port may be taken between _free_port and bind: pick another
+            self.proc = subprocess.Popen(
+                [
+                    "redis-server",
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--unixsocket",
+                    self.socket_path,
+                    "--unixsocketperm",
+                    "700",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    self.dir,
+                    "--logfile",
+                    os.path.join(self.dir, "redis.log"),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )
+            if self._wait_ready():
+                return
+            self._kill()
+            self.port = _free_port()
+        raise RuntimeError(f"redis-server did not start; see {self.dir}/redis.log")
+
+    def _wait_ready(self) -> bool:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                return False
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=1) as s,
+            ):
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return True
+            time.sleep(0.01)
+        return False
+
+    def _kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(START_TIMEOUT)
+        self.proc = None
+
+    def stop(self) -> None:
+        """Redis gone: every connection is reset and new ones are refused."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a paused server cannot exit
+            self.proc.terminate()
+            try:
+                self.proc.wait(START_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self._kill()
+        self.proc = None
+
+    def pause(self) -> None:
+        """Redis hung: connections stay open and nothing answers."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_shared: RedisServer | None = None
+
+
+def shared_server() -> RedisServer:
+    """One server for the whole session (started on first use, stopped by conftest's
+    ``pytest_sessionfinish``); tests that stop or pause a server make their own."""
+    global _shared
+    if _shared is None:
+        server = RedisServer()
+        server.start()
+        _shared = server
+    return _shared
+
+
+def stop_shared_server() -> None:
+    global _shared
+    if _shared is not None:
+        _shared.close()
+        _shared = None
+
+
+def serve_host(url: str, options: dict[str, Any], conn: Any) -> None:
+    """A "host": open ``url`` with ``open_cache`` in this process and run the commands sent
+    over ``conn`` until ``("stop",)``. Each reply is sent after the call returned."""
+    from shmcache import open_cache
+
+    cache: Any = open_cache(url, **options)
+    try:
+        while True:
+            if not conn.poll(60):
+                return  # the test is gone or stuck: do not linger
+            cmd, *args = conn.recv()
+            if cmd == "stop":
+                conn.send(("ok", None))
+                return
+            try:
+                result = getattr(cache, cmd)(*args)
+            except Exception as exc:  # reported to the test, which decides
+                conn.send(("err", f"{type(exc).__name__}: {exc}"))
+            else:
+                conn.send(("ok", result))
+    finally:
+        cache.close()
+
+
+# -- fixtures and helpers -----------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_server() -> RedisServer:
+    return shared_server()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    srv = RedisServer()
+    srv.start()
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def redis_prefix(make_name: Callable[[], str]) -> str:
+    return make_name() + ":"
+
+
+@pytest.fixture
+def redis_raw(redis_server: RedisServer) -> Iterator[Any]:
+    """A plain redis-py client, to look at and tamper with what the cache wrote."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=TIMEOUT)
+    yield client
+    client.close()
+
+
+def within(fn: Callable[[], Any], timeout: float = TIMEOUT) -> Any:
+    """``fn()``'s result or exception, or a failure if it has not returned in ``timeout``."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        pytest.fail(f"call did not return within {timeout} s (hang)")
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
+
+
+def eventually(check: Callable[[], bool], what: str) -> None:
+    """Poll ``check`` until it holds (pub/sub delivery is asynchronous); fail after TIMEOUT."""
+    deadline = time.monotonic() + TIMEOUT
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not seen within {TIMEOUT} s")
+        time.sleep(0.01)
+
+
+def keys_and_values(client: Any, prefix: str) -> dict[bytes, Any]:
+    out: dict[bytes, Any] = {}
+    for key in client.scan_iter(match=prefix + "*"):
+        out[key] = client.get(key) if client.type(key) == b"string" else client.type(key)
+    return out
+
+
+class Host:
+    """A "host": a process of its own with its own cache (see ``serve_host``)."""
+
+    def __init__(self, url: str, **options: Any) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=serve_host, args=(url, options, child), daemon=True)
+        self.proc.start()
+        child.close()
+
+    def __call__(self, cmd: str, *args: Any) -> Any:
+        self.conn.send((cmd, *args))
+        if not self.conn.poll(TIMEOUT):
+            raise AssertionError(f"host {self.proc.pid} did not answer {cmd!r} in {TIMEOUT} s")
+        status, result = self.conn.recv()
+        if status != "ok":
+            raise AssertionError(f"{cmd!r} failed in host {self.proc.pid}: {result}")
+        return result
+
+    def stop(self) -> None:
+        try:
+            if self.proc.is_alive():
+                self("stop")
+        finally:
+            self.proc.join(TIMEOUT)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join(TIMEOUT)
+        assert self.proc.exitcode == 0, self.proc.exitcode
+
+
+def tiered(
+    url: str,
+    name: str,
+    clock: Any,
+    *,
+    prefix: str,
+    staleness: float = 5.0,
+    fail_open: bool = False,
+    subscribe: bool = False,
+    secret: bytes | None = None,
+    timeout: float | None = None,
+) -> TieredSessionCache:
+    """One host's two-tier cache: its own segment ``name`` in front of the shared Redis."""
+    return TieredSessionCache(
+        SharedMemorySessionCache.create(name, capacity=64, value_size=256, clock=clock),
+        RedisSessionCache(
+            url,
+            prefix=prefix,
+            clock=clock,
+            fail_open=fail_open,
+            secret=secret,
+            timeout=timeout,
+        ),
+        max_staleness=staleness,
+        subscribe=subscribe,
+        clock=clock,
+    )

@@ -1,0 +1,466 @@
+"""RedisSessionCache against a real redis-server.
+
+The contract suite (tests/test_contract.py) already runs it; here is what only it has: keys
+that never hold a token, values that cannot be forged or moved, a hashing secret that hosts
+share, a Redis that stops or hangs mid-run, and two "hosts" in separate processes.
+
+A server that must be stopped or paused is the test's own (``own_redis``); the others
+share one. Calls that could hang run under ``within``, which fails the test after a
+generous timeout instead of hanging the suite.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import _redis_support
+import pytest
+from _redis_support import (
+    TIMEOUT,
+    Host,
+    eventually,
+    keys_and_values,
+    tiered,
+    within,
+)
+
+from shmcache import (
+    CacheClosed,
+    CacheUnavailable,
+    InvalidArgument,
+    InvalidType,
+    JsonCodec,
+    RedisSessionCache,
+    ShmCacheError,
+)
+
+SECRET = b"test-secret-of-at-least-16-bytes"
+
+
+# -- RedisSessionCache: the protocol's edges ---------------------------------------------
+
+
+@pytest.fixture(params=["shared-secret", "fixed-secret"])
+def rcache(
+    request: pytest.FixtureRequest, redis_server: _redis_support.RedisServer, redis_prefix: str
+) -> Iterator[RedisSessionCache]:
+    secret = SECRET if request.param == "fixed-secret" else None
+    with RedisSessionCache(redis_server.url, prefix=redis_prefix, secret=secret) as cache:
+        yield cache
+
+
+@pytest.mark.parametrize(
+    "token", ["", "x" * (1 << 20), "\ud800", "a\udfffb", "\x00", "é" * 300, "never-set"]
+)
+def test_get_any_str_is_a_miss(rcache: RedisSessionCache, token: str) -> None:
+    rcache.set("present", "p", 60)
+    assert rcache.get(token) is None
+    assert rcache.get("present") == "p"
+
+
+def test_surrogate_token_roundtrip(rcache: RedisSessionCache) -> None:
+    rcache.set("\ud800", "s", 60)
+    assert rcache.get("\ud800") == "s"
+    rcache.invalidate("\ud800")
+    assert rcache.get("\ud800") is None
+
+
+@pytest.mark.parametrize("token", [b"tok", 1, None, 1.5, ("t",), ["t"]])
+def test_non_str_token_is_type_error(
+    rcache: RedisSessionCache, redis_raw: Any, redis_prefix: str, token: Any
+) -> None:
+    rcache.set("keep", "kept", 60)
+    before = keys_and_values(redis_raw, redis_prefix)
+    for call in (
+        lambda: rcache.get(token),
+        lambda: rcache.set(token, "s", 60),
+        lambda: rcache.invalidate(token),
+    ):
+        with pytest.raises(InvalidType) as info:
+            call()
+        assert isinstance(info.value, TypeError)
+    assert keys_and_values(redis_raw, redis_prefix) == before
+    assert rcache.get("keep") == "kept"
+
+
+@pytest.mark.parametrize(
+    ("token", "ttl"),
+    [
+        ("", 60),
+        ("tok", 0),
+        ("tok", -1),
+        ("tok", 0.0),
+        ("tok", float("nan")),
+        ("tok", float("inf")),
+        ("tok", float("-inf")),
+        ("tok", "10"),
+        ("tok", None),
+        ("tok", True),
+        ("keep", 0),
+        ("keep", float("nan")),
+    ],
+)
+def test_set_rejects_bad_input_and_changes_nothing(
+    rcache: RedisSessionCache, redis_raw: Any, redis_prefix: str, token: str, ttl: Any
+) -> None:
+    rcache.set("keep", "kept", 60)
+    before = keys_and_values(redis_raw, redis_prefix)
+    with pytest.raises(InvalidArgument) as info:
+        rcache.set(token, "new", ttl)
+    assert isinstance(info.value, ValueError)
+    assert isinstance(info.value, ShmCacheError)
+    assert keys_and_values(redis_raw, redis_prefix) == before
+    assert rcache.get("keep") == "kept"
+
+
+@pytest.mark.parametrize("ttl", [1e300, sys.float_info.max, 10**400])
+def test_huge_finite_ttl_is_accepted(rcache: RedisSessionCache, ttl: float) -> None:
+    rcache.set("tok", "s", ttl)
+    assert rcache.get("tok") == "s"
+
+
+# -- what Redis holds -----------------------------------------------------------------------
+
+
+def test_tokens_never_reach_redis(
+    rcache: RedisSessionCache, redis_raw: Any, redis_prefix: str
+) -> None:
+    token = "bearer-token-that-must-stay-secret"
+    rcache.get("warm-up")  # the shared secret is made (and announced) before we listen
+    pubsub = redis_raw.pubsub()
+    pubsub.subscribe(redis_prefix + "invalidations")
+    assert pubsub.get_message(timeout=TIMEOUT)["type"] == "subscribe"
+    rcache.set(token, {"user": "alice"}, 60)
+    stored = keys_and_values(redis_raw, redis_prefix)
+    session_keys = [k for k in stored if k.startswith((redis_prefix + "s:").encode())]
+    assert len(session_keys) == 1
+    digest = session_keys[0][len(redis_prefix) + 2 :]
+    assert len(digest) == 32 and all(c in b"0123456789abcdef" for c in digest)
+    rcache.invalidate(token)
+    message = pubsub.get_message(timeout=TIMEOUT)
+    assert message["data"] == b"i:" + digest
+    pubsub.close()
+    blob = b"".join(k + (v if isinstance(v, bytes) else b"") for k, v in stored.items())
+    assert token.encode() not in blob
+    assert token.encode() not in message["data"]
+
+
+def test_ttl_is_a_redis_expiry_in_ms(
+    rcache: RedisSessionCache, redis_raw: Any, redis_prefix: str
+) -> None:
+    rcache.set("tok", "s", 1.5)
+    (key,) = [k for k in redis_raw.scan_iter(match=redis_prefix + "s:*")]
+    assert 1000 < redis_raw.pttl(key) <= 1500
+    rcache.set("short", "s", 0.05)  # Redis itself drops it: no clock of ours is involved
+    eventually(lambda: rcache.get("short") is None, "expiry of a 50 ms entry")
+    assert rcache.get("tok") == "s"
+
+
+def test_clear_removes_only_this_prefix(
+    redis_server: _redis_support.RedisServer, redis_raw: Any
+) -> None:
+    tag = os.urandom(4).hex()
+    glob_prefix = f"t{tag}*[x]:"  # glob characters in a prefix match only themselves
+    lookalike = f"t{tag}Qx:"  # what "*[x]" would match if it were not escaped
+    with (
+        RedisSessionCache(redis_server.url, prefix=glob_prefix) as a,
+        RedisSessionCache(redis_server.url, prefix=lookalike) as b,
+    ):
+        redis_raw.set(f"t{tag}-unrelated", b"v")
+        for i in range(2500):  # more than one SCAN batch
+            a.set(f"tok{i}", i, 60)
+        b.set("tok1", "b's", 60)
+        a.clear()
+        assert all(a.get(f"tok{i}") is None for i in (0, 1, 1234, 2499))
+        assert not list(
+            redis_raw.scan_iter(
+                match=glob_prefix.replace("*", "\\*").replace("[", "\\[").replace("]", "\\]")
+                + "s:*"
+            )
+        )
+        assert b.get("tok1") == "b's"
+        assert redis_raw.get(f"t{tag}-unrelated") == b"v"
+        a.set("tok1", "again", 60)
+        assert a.get("tok1") == "again"
+        redis_raw.delete(f"t{tag}-unrelated")
+
+
+def test_values_cannot_be_forged_or_moved(
+    redis_server: _redis_support.RedisServer, redis_raw: Any, redis_prefix: str
+) -> None:
+    with RedisSessionCache(redis_server.url, prefix=redis_prefix, secret=SECRET) as cache:
+        cache.set("alice", {"user": "alice", "admin": True}, 60)
+        cache.set("mallory", {"user": "mallory"}, 60)
+        alice_key = redis_prefix + "s:" + cache.key_of("alice")
+        mallory_key = redis_prefix + "s:" + cache.key_of("mallory")
+        # Mallory can write Redis: copy Alice's value under her own token's key.
+        redis_raw.set(mallory_key, redis_raw.get(alice_key), px=60000)
+        assert cache.get("mallory") is None
+        for bad in (
+            b"",
+            b"\x01",
+            redis_raw.get(alice_key)[:-1],
+            b"\x02" + redis_raw.get(alice_key)[1:],
+        ):
+            redis_raw.set(mallory_key, bad, px=60000)
+            assert cache.get("mallory") is None
+        redis_raw.delete(mallory_key)
+        redis_raw.hset(mallory_key, "f", "v")  # another type under the key: WRONGTYPE on GET
+        assert cache.get("mallory") is None
+        with RedisSessionCache(
+            redis_server.url, prefix=redis_prefix, secret=b"another-secret-16-bytes-or-more"
+        ) as other:
+            other.set("eve", "forged", 60)
+            forged = redis_raw.get(redis_prefix + "s:" + other.key_of("eve"))
+        redis_raw.delete(mallory_key)
+        redis_raw.set(mallory_key, forged, px=60000)
+        assert cache.get("mallory") is None
+        assert cache.get("alice") == {"user": "alice", "admin": True}
+        assert cache.stats()["decode_errors"] >= 6
+
+
+def test_undecodable_value_is_a_miss(
+    redis_server: _redis_support.RedisServer, redis_prefix: str
+) -> None:
+    with (
+        RedisSessionCache(redis_server.url, prefix=redis_prefix) as writer,
+        RedisSessionCache(redis_server.url, prefix=redis_prefix, codec=JsonCodec()) as reader,
+    ):
+        writer.set("tok", {1, 2}, 60)  # a set pickles; JSON cannot read it
+        assert reader.get("tok") is None
+        assert reader.stats()["decode_errors"] == 1
+        assert writer.get("tok") == {1, 2}
+
+
+def test_shared_secret_is_created_once(
+    redis_server: _redis_support.RedisServer, redis_raw: Any, redis_prefix: str
+) -> None:
+    with (
+        RedisSessionCache(redis_server.url, prefix=redis_prefix) as a,
+        RedisSessionCache(redis_server.url, prefix=redis_prefix) as b,
+    ):
+        a.set("tok", "s", 60)
+        secret = redis_raw.get(redis_prefix + "secret")
+        assert len(secret) == 32
+        assert b.get("tok") == "s"
+        assert redis_raw.get(redis_prefix + "secret") == secret
+        assert a.key_of("tok") == b.key_of("tok")
+        assert a.stats()["shared_secret"] is True
+
+
+def test_lost_secret_never_splits_hosts(
+    redis_server: _redis_support.RedisServer, redis_raw: Any, redis_prefix: str
+) -> None:
+    """A secret deleted under the hosts' feet (FLUSHDB, an allkeys eviction policy) must not
+    leave hosts hashing with different secrets: a logout on one would miss the other's key.
+    ``a`` and ``b`` learnt the first secret; ``c`` starts after it was lost."""
+    with (
+        RedisSessionCache(redis_server.url, prefix=redis_prefix) as a,
+        RedisSessionCache(redis_server.url, prefix=redis_prefix) as b,
+    ):
+        a.set("tok", "s1", 60)
+        assert b.get("tok") == "s1"
+        redis_raw.delete(redis_prefix + "secret")
+        with RedisSessionCache(redis_server.url, prefix=redis_prefix) as c:
+            assert c.get("warm-up") is None  # c makes the second secret
+            a.set("tok", "s2", 60)  # a notices in the same transaction: writes under it
+            assert c.get("tok") == "s2"
+            redis_raw.delete(redis_prefix + "secret")
+            b.set("tok", "s3", 60)  # b makes the third
+            c.invalidate("tok")  # the logout, on a host that held the second
+            assert a.get("tok") is None
+            assert b.get("tok") is None
+            assert c.get("tok") is None
+
+
+def test_fixed_secrets_do_not_mix(
+    redis_server: _redis_support.RedisServer, redis_prefix: str
+) -> None:
+    with (
+        RedisSessionCache(redis_server.url, prefix=redis_prefix, secret=SECRET) as a,
+        RedisSessionCache(redis_server.url, prefix=redis_prefix, secret=SECRET.decode()) as same,
+        RedisSessionCache(redis_server.url, prefix=redis_prefix, secret=b"x" * 16) as other,
+    ):
+        a.set("tok", "s", 60)
+        assert same.get("tok") == "s"
+        assert other.get("tok") is None
+        assert a.stats()["shared_secret"] is False
+
+
+def test_secret_key_of_another_program(
+    redis_server: _redis_support.RedisServer, redis_raw: Any, redis_prefix: str
+) -> None:
+    redis_raw.rpush(redis_prefix + "secret", "not ours")
+    with (
+        RedisSessionCache(redis_server.url, prefix=redis_prefix) as strict,
+        RedisSessionCache(redis_server.url, prefix=redis_prefix, fail_open=True) as lenient,
+    ):
+        with pytest.raises(CacheUnavailable, match="does not hold a shmcache secret"):
+            strict.get("tok")
+        assert lenient.get("tok") is None
+        assert lenient.stats()["unavailable"] == 1
+
+
+def test_client_object(redis_server: _redis_support.RedisServer, redis_prefix: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=TIMEOUT)
+    with RedisSessionCache(client, prefix=redis_prefix) as cache:
+        cache.set("tok", "s", 60)
+        assert cache.get("tok") == "s"
+    assert client.ping()  # closing the cache left the caller's client alone
+    client.close()
+    decoding = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    with pytest.raises(InvalidArgument, match="decode_responses"):
+        RedisSessionCache(decoding)
+    decoding.close()
+    with pytest.raises(InvalidArgument, match="timeout"):
+        RedisSessionCache(redis.Redis.from_url(redis_server.url), timeout=1.0)
+    with pytest.raises(InvalidType):
+        RedisSessionCache(42)
+    for bad in ({"prefix": ""}, {"secret": b"short"}, {"fail_open": "yes"}, {"timeout": 0}):
+        with pytest.raises(InvalidArgument):
+            RedisSessionCache(redis_server.url, **bad)
+    for url in (
+        redis_server.url + "?timeout=1",
+        redis_server.url + "?prefix=p:",
+    ):  # open_cache's, not ours
+        with pytest.raises(InvalidArgument, match="not a redis-py connection option"):
+            RedisSessionCache(url)
+
+
+def test_use_after_close(
+    redis_server: _redis_support.RedisServer,
+    redis_prefix: str,
+    make_name: Callable[[], str],
+    clock: Any,
+) -> None:
+    caches = [
+        RedisSessionCache(redis_server.url, prefix=redis_prefix),
+        tiered(redis_server.url, make_name(), clock, prefix=redis_prefix),
+    ]
+    for cache in caches:
+        cache.set("tok", "s", 60)
+        cache.close()
+        cache.close()  # idempotent
+        assert cache.closed
+        for method, args in (
+            (cache.get, ("tok",)),
+            (cache.set, ("tok", "s", 60)),
+            (cache.invalidate, ("tok",)),
+            (cache.clear, ()),
+        ):
+            with pytest.raises(CacheClosed):
+                method(*args)
+
+
+def test_import_without_redis_py(make_name: Callable[[], str]) -> None:
+    """The core works without the extra; the Redis backend says how to get it."""
+    script = f"""
+import sys
+sys.modules["redis"] = None  # what an environment without redis-py looks like
+import shmcache
+assert shmcache.open_cache("memory://") is not None
+c = shmcache.open_cache("shm://{make_name()}?capacity=8")
+c.unlink(); c.close()
+for make in (lambda: shmcache.RedisSessionCache("redis://127.0.0.1:1/0"),
+             lambda: shmcache.open_cache("redis://127.0.0.1:1/0")):
+    try:
+        make()
+    except ImportError as exc:
+        assert "shmcache[redis]" in str(exc), exc
+    else:
+        raise AssertionError("no ImportError")
+print("ok")
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+# -- Redis stopped or hung mid-run ----------------------------------------------------------
+
+
+def test_redis_stopped_raises_and_recovers(
+    own_redis: _redis_support.RedisServer, redis_prefix: str
+) -> None:
+    with RedisSessionCache(own_redis.url, prefix=redis_prefix, timeout=0.5) as cache:
+        cache.set("tok", "s", 60)
+        own_redis.stop()
+        for call in (
+            lambda: cache.get("tok"),
+            lambda: cache.set("tok", "s", 60),
+            lambda: cache.invalidate("tok"),
+            cache.clear,
+        ):
+            with pytest.raises(CacheUnavailable) as info:
+                within(call)
+            assert isinstance(info.value, ConnectionError)
+            assert isinstance(info.value, ShmCacheError)
+        assert cache.stats()["unavailable"] == 4
+        own_redis.start()  # same port, empty (nothing persisted): the client reconnects
+        assert within(lambda: cache.get("tok")) is None
+        cache.set("tok", "again", 60)
+        assert cache.get("tok") == "again"
+
+
+def test_redis_stopped_fail_open(own_redis: _redis_support.RedisServer, redis_prefix: str) -> None:
+    with RedisSessionCache(
+        own_redis.url, prefix=redis_prefix, timeout=0.5, fail_open=True
+    ) as cache:
+        cache.set("tok", "s", 60)
+        own_redis.stop()
+        assert within(lambda: cache.get("tok")) is None
+        within(lambda: cache.set("other", "s", 60))  # counted, nothing stored, no error
+        stats = cache.stats()
+        assert (stats["unavailable"], stats["misses"]) == (2, 1)
+        # A logout is never reported as done when Redis did not see it, fail-open or not.
+        with pytest.raises(CacheUnavailable):
+            within(lambda: cache.invalidate("tok"))
+        with pytest.raises(CacheUnavailable):
+            within(cache.clear)
+        assert cache.stats()["unavailable"] == 4
+
+
+def test_redis_hung_times_out(own_redis: _redis_support.RedisServer, redis_prefix: str) -> None:
+    with RedisSessionCache(own_redis.url, prefix=redis_prefix, timeout=0.2) as cache:
+        cache.set("tok", "s", 60)
+        own_redis.pause()
+        try:
+            with pytest.raises(CacheUnavailable, match="Timeout"):
+                within(lambda: cache.get("tok"))
+            with pytest.raises(CacheUnavailable):
+                within(lambda: cache.invalidate("tok"))
+        finally:
+            own_redis.resume()
+        # The invalidate may or may not have reached Redis before the timeout (it is
+        # reported as not done, which is the safe answer); the cache works again either way.
+        assert within(lambda: cache.get("tok")) in (None, "s")
+        cache.invalidate("tok")
+        assert cache.get("tok") is None
+
+
+# -- two hosts: separate processes, separate caches, one Redis ------------------------------
+
+
+def test_two_hosts_plain_redis(redis_server: _redis_support.RedisServer, redis_prefix: str) -> None:
+    url = f"{redis_server.url}?prefix={redis_prefix}"
+    a, b = Host(url), Host(url)
+    try:
+        a("set", "tok", {"user": "alice"}, 60)
+        assert b("get", "tok") == {"user": "alice"}
+        a("invalidate", "tok")
+        assert b("get", "tok") is None  # right after a's invalidate returned
+        b("set", "t2", "x", 60)
+        assert a("get", "t2") == "x"
+        a("clear")
+        assert b("get", "t2") is None
+    finally:
+        a.stop()
+        b.stop()
