@@ -53,3 +53,14 @@ def positive_number(name: str, value: object) -> float:
     if not (math.isfinite(number) and number > 0):
         raise InvalidArgument(f"{name} must be a finite positive number, got {value!r}")
     return number
+
+
+def user_key(user_id: object) -> str:
+    """A user id as the caches compare it: ``str()`` of a str or an int, so the admin
+    command's ``7`` matches ``user_id=7``."""
+    if isinstance(user_id, bool) or not isinstance(user_id, (str, int)):
+        raise InvalidType(f"user_id must be a str or an int, got {type(user_id).__name__}")
+    key = str(user_id)
+    if not key:
+        raise InvalidArgument("user_id must not be empty")
+    return key

@@ -133,6 +133,13 @@ def cmd_reset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_revoke_user(args: argparse.Namespace) -> int:
+    with _attach(args) as cache:
+        dropped = cache.invalidate_by_user(args.user_id)
+    print(f"revoked user {args.user_id!r} in {args.name}: dropped {dropped} live sessions")
+    return 0
+
+
 def cmd_purge(args: argparse.Namespace) -> int:
     with _attach(args) as cache:
         count = cache.purge()
@@ -265,6 +272,10 @@ def _parser() -> argparse.ArgumentParser:
     attach_commands.append(p)
     p = command("reset", "drop every session at once (every user logs in again)", cmd_reset)
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    attach_commands.append(p)
+    p = command("revoke-user", "drop every session of one user (log out all devices)",
+                cmd_revoke_user)
+    p.add_argument("user_id", metavar="USER_ID", help="as the app passes it (compared as text)")
     attach_commands.append(p)
     attach_commands.append(command("purge", "reclaim expired entries now", cmd_purge))
     attach_commands.append(

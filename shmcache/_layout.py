@@ -23,16 +23,19 @@ one ``find`` call in C scans a whole probe window; the check words, dense, becau
                   | P = N + W - 1 tags of 16 bytes: keyed xxh3-128 of the      |
                   | token; all zero = empty slot                               |
     CHECKS        | P check words (u64): bits 0-39 keyed xxh3-64 of            |
-                  | tag|meta|value area (never 0), bits 40-63 lock generation  |
-                  | bits 20-43; 0 = no valid entry                             |
+                  | tag|meta|user|value area (never 0), bits 40-63 lock        |
+                  | generation bits 20-43; 0 = no valid entry                  |
+    USERS         | P user words (u64): keyed xxh3-64 of str(user id), never 0;|
+                  | 0 = a session with no user. Dense, so that revoking a user |
+                  | is one C-level find over the array                         |
     RECORDS       | P records of RECORD_STRIDE bytes:                          |
                   |   +0  meta u64: expiry in ms << 20 | generation bits 0-19  |
                   |   +8  value area (only if value size > 0): u32 length      |
                   |       (0xFFFFFFFF = no value) + bytes, padded to 8         |
                   +------------------------------------------------------------+
 
-In hash-only mode a slot is 32 bytes (tag 16, check 8, meta 8); at the 1/2 maximum load
-that is 64 bytes of shared memory per session.
+In hash-only mode a slot is 40 bytes (tag 16, check 8, user 8, meta 8); at the 1/2
+maximum load that is 80 bytes of shared memory per session.
 
 Byte order is little-endian throughout. The immutable header is packed with ``struct``;
 the mutable words and the check/meta arrays are read and written through a native ``'Q'``
@@ -55,7 +58,7 @@ from typing import Any
 from ._errors import IncompatibleSegment, InvalidArgument
 
 MAGIC = b"SHMCACHE"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: the USERS array (invalidate_by_user)
 HEADER_SIZE = 4096
 
 # Sizing: at most 1/2 of the home slots are live at capacity, and a key may sit at most
@@ -165,8 +168,12 @@ class Geometry:
         return self.tags_offset + TAG_SIZE * self.physical_slots
 
     @property
-    def records_offset(self) -> int:
+    def users_offset(self) -> int:
         return self.checks_offset + 8 * self.physical_slots
+
+    @property
+    def records_offset(self) -> int:
+        return self.users_offset + 8 * self.physical_slots
 
     @property
     def size(self) -> int:

@@ -15,17 +15,17 @@ Writes take the segment lock (``_lock``), which survives the death of its holder
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import secrets
 import time
 import weakref
 from collections.abc import Callable
-from numbers import Real
 from types import TracebackType
 from typing import Any
 
 from . import _proc, _segment
+from ._args import MAX_TTL, positive_number, token_bytes, user_key
+from ._args import ttl as ttl_arg
 from ._counters import ProcessCounters
 from ._errors import (
     CacheClosed,
@@ -54,6 +54,7 @@ from ._layout import (
     read_header,
 )
 from ._lock import SegmentLock
+from ._protocol import UserIdOf
 from ._table import Table
 from .codecs import Codec, PickleCodec
 
@@ -71,23 +72,6 @@ def _reset_counters_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_reset_counters_after_fork)
-
-
-def _token_bytes(token: str) -> bytes:
-    # surrogatepass: any str hashes, even one with lone surrogates (get must never raise).
-    return token.encode("utf-8", "surrogatepass")
-
-
-_MAX_TTL = 1e15  # seconds (31 million years): longer is stored as "as late as the table goes"
-
-
-def _ttl(ttl_seconds: object) -> float:
-    """A TTL as a float; ``InvalidArgument`` unless it is a finite positive real number."""
-    bad = isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, Real)
-    # Comparisons only (no float() first): int(10**400) is finite but overflows a float.
-    if bad or not ttl_seconds > 0 or ttl_seconds == math.inf:  # type: ignore[operator]
-        raise InvalidArgument(f"ttl_seconds must be a finite positive number, got {ttl_seconds!r}")
-    return _MAX_TTL if ttl_seconds > _MAX_TTL else float(ttl_seconds)  # type: ignore[operator,arg-type]
 
 
 class SharedMemorySessionCache:
@@ -120,6 +104,7 @@ class SharedMemorySessionCache:
         clock: Clock | None,
         lock_timeout: float,
         attach_options: dict[str, Any],
+        user_id_of: UserIdOf | None = None,
     ) -> None:
         geo = info.geometry
         self._segment = segment
@@ -135,6 +120,7 @@ class SharedMemorySessionCache:
             PickleCodec() if self._value_mode else None
         )
         self._clock: Clock = clock if clock is not None else time.monotonic
+        self._user_id_of = user_id_of
         self._local: dict[str, tuple[Any, int, int, float]] = {}
         self._max_local = max(1024, geo.physical_slots)
         self._hits = 0
@@ -144,7 +130,10 @@ class SharedMemorySessionCache:
         self._counter_rec = -2  # not claimed yet (-1: no record free, figures stay local)
         self._object_id = secrets.randbits(63) | 1
         self._closed = False
-        self._pickle_options = {"codec": codec, "lock_timeout": lock_timeout, **attach_options}
+        self._pickle_options = {
+            "codec": codec, "lock_timeout": lock_timeout, "user_id_of": user_id_of,
+            **attach_options,
+        }
         _instances.add(self)
 
     # -- construction --------------------------------------------------------------------
@@ -160,6 +149,7 @@ class SharedMemorySessionCache:
         *,
         mode: int = 0o600,
         lock_timeout: float = 1.0,
+        user_id_of: UserIdOf | None = None,
     ) -> SharedMemorySessionCache:
         """Create a new segment and semaphore named ``name``, owner-only by default.
 
@@ -168,7 +158,7 @@ class SharedMemorySessionCache:
         """
         bare = _segment.normalize_name(name)
         _check_host()
-        _check_lock_timeout(lock_timeout)
+        positive_number("lock_timeout", lock_timeout)
         geo = Geometry.for_capacity(capacity, value_size)
         if not isinstance(mode, int) or mode & ~0o777:
             raise InvalidArgument(f"mode must be permission bits like 0o600, got {mode!r}")
@@ -197,6 +187,7 @@ class SharedMemorySessionCache:
         return cls(
             segment, info, codec=codec, clock=clock, lock_timeout=lock_timeout,
             attach_options={"allow_writable_by_others": bool(mode & 0o022)},
+            user_id_of=user_id_of,
         )
 
     @classmethod
@@ -209,6 +200,7 @@ class SharedMemorySessionCache:
         lock_timeout: float = 1.0,
         owner_uid: int | None = None,
         allow_writable_by_others: bool = False,
+        user_id_of: UserIdOf | None = None,
     ) -> SharedMemorySessionCache:
         """Open the existing segment ``name``.
 
@@ -220,7 +212,7 @@ class SharedMemorySessionCache:
         """
         bare = _segment.normalize_name(name)
         _check_host()
-        _check_lock_timeout(lock_timeout)
+        positive_number("lock_timeout", lock_timeout)
         segment = _segment.attach(
             bare, owner_uid=owner_uid, allow_writable_by_others=allow_writable_by_others
         )
@@ -240,6 +232,7 @@ class SharedMemorySessionCache:
             attach_options={
                 "owner_uid": owner_uid, "allow_writable_by_others": allow_writable_by_others
             },
+            user_id_of=user_id_of,
         )
 
     # -- the SessionCache protocol -------------------------------------------------------
@@ -276,7 +269,7 @@ class SharedMemorySessionCache:
 
     def _load(self, token: str) -> Any | None:
         table = self._table
-        tag, home = table.tag_of(_token_bytes(token))
+        tag, home = table.tag_of(token_bytes(token))
         try:
             slot, check, expiry_ms, value = table.lookup(tag, home, self._now_ms())
         except KeyError:
@@ -292,9 +285,13 @@ class SharedMemorySessionCache:
         self._remember(token, session, slot, check, expiry_ms)
         return session
 
-    def set(self, token: str, session: Any, ttl_seconds: float) -> None:
+    def set(
+        self, token: str, session: Any, ttl_seconds: float, *, user_id: str | int | None = None
+    ) -> None:
         """Cache ``session`` for ``token`` for ``ttl_seconds`` (millisecond resolution).
 
+        ``user_id`` (or, if not given, the ``user_id_of(session)`` passed at create/attach)
+        names the session's user for ``invalidate_by_user``; only its keyed hash is stored.
         Never fails for lack of room: a full probe window reclaims expired entries, then
         evicts the one that expires soonest. Rejected arguments change nothing.
         """
@@ -303,8 +300,11 @@ class SharedMemorySessionCache:
         if not token:
             raise InvalidArgument("token must not be empty")
         ttl = ttl_seconds
-        if (type(ttl) is not float and type(ttl) is not int) or not 0 < ttl <= _MAX_TTL:
-            ttl = _ttl(ttl_seconds)  # the general (and the error) path
+        if (type(ttl) is not float and type(ttl) is not int) or not 0 < ttl <= MAX_TTL:
+            ttl = ttl_arg(ttl_seconds)  # the general (and the error) path
+        if user_id is None and self._user_id_of is not None:
+            user_id = self._user_id_of(session)
+        user = 0 if user_id is None else self._table.user_tag(user_key(user_id))
         value: bytes | None = None
         oversize = False
         if self._value_mode:
@@ -318,7 +318,7 @@ class SharedMemorySessionCache:
         if self._closed:
             raise CacheClosed("this SharedMemorySessionCache is closed")
         table = self._table
-        tag, home = table.tag_of(_token_bytes(token))
+        tag, home = table.tag_of(token_bytes(token))
         now = self._clock()
         end = (now + ttl) * 1000
         # Out of range (a clock far in the future, or NaN): clamp, never raise.
@@ -333,6 +333,7 @@ class SharedMemorySessionCache:
                 value,
                 int(now * 1000),
                 gen >> NONCE_BITS,
+                user,
             )
             if oversize:
                 self._bump(W_OVERSIZE)
@@ -358,7 +359,7 @@ class SharedMemorySessionCache:
         if not token:
             return
         table = self._table
-        tag, home = table.tag_of(_token_bytes(token))
+        tag, home = table.tag_of(token_bytes(token))
         self._lock.acquire()
         try:
             table.remove_locked(tag, home)
@@ -368,6 +369,27 @@ class SharedMemorySessionCache:
         finally:
             self._lock.release()
         self._publish()
+
+    def invalidate_by_user(self, user_id: str | int) -> int:
+        """Drop every session of ``user_id`` (compared by ``str()``) in every process.
+
+        Once this returns, ``get`` of any of that user's tokens misses everywhere; a ``set``
+        that completes later is a later login and stays. Returns how many live sessions it
+        dropped (exact: the scan and the removals happen under the lock). Costs one
+        C-level scan of the user array (about 1 us per 8 KiB of table) plus each removal.
+        """
+        user = self._table.user_tag(user_key(user_id))
+        self._ensure_open()
+        now_ms = self._now_ms()
+        self._lock.acquire()
+        try:
+            dropped = self._table.remove_user_locked(user, now_ms)
+        except BaseException:
+            self._table.repair_locked()
+            raise
+        finally:
+            self._lock.release()
+        return dropped
 
     def clear(self) -> None:
         """Drop every session in every process (every user logs in again)."""
@@ -627,10 +649,3 @@ def _attach_pickled(name: str, options: dict[str, Any]) -> SharedMemorySessionCa
 def _check_host() -> None:
     if not host_supported():
         raise ShmCacheError("shmcache needs a little-endian host (x86-64, aarch64)")
-
-
-def _check_lock_timeout(timeout: object) -> None:
-    if isinstance(timeout, bool) or not isinstance(timeout, Real) or not (
-        math.isfinite(float(timeout)) and float(timeout) > 0
-    ):
-        raise InvalidArgument(f"lock_timeout must be a finite positive number, got {timeout!r}")

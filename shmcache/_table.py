@@ -52,6 +52,7 @@ _xxh64 = xxhash.xxh3_64_intdigest
 _CLEAR_CHUNK = 1 << 20
 _OP_SLOT_BITS = OP_SLOT << 56
 _NO_VALUE_BYTES = NO_VALUE.to_bytes(4, "little")
+_USER_SALT = 0x5553455273484D43  # user tags use another key than token tags
 
 
 def make_meta(expiry_ms: int, nonce: int) -> int:
@@ -76,6 +77,7 @@ class Table:
         self._phys = g.physical_slots
         self._tags = g.tags_offset
         self._checks_w = g.checks_offset // 8  # word index of slot 0's check
+        self._users_w = g.users_offset // 8  # word index of slot 0's user
         self._rec_w = g.records_offset // 8  # word index of slot 0's meta
         self._rw = g.record_stride // 8  # words per record
         self._vstride = g.value_stride
@@ -92,12 +94,18 @@ class Table:
         h = _xxh128(token, self._tag_seed) or 1  # an all-zero tag would read as an empty slot
         return h.to_bytes(TAG_SIZE, "little"), h % self._nslots
 
+    def user_tag(self, user: str) -> int:
+        """Keyed 64-bit tag of a user id (never 0: 0 means "no user"); never stored raw."""
+        h: int = _xxh64(user.encode("utf-8", "surrogatepass"), self._tag_seed ^ _USER_SALT)
+        return h or 1
+
     def home_of(self, tag: bytes) -> int:
         return int.from_bytes(tag, "little") % self._nslots
 
-    def _checksum(self, tag: bytes, meta: int, value_area: bytes) -> int:
+    def _checksum(self, tag: bytes, meta: int, user: int, value_area: bytes) -> int:
         """The hash half of a check word (its low 40 bits, never 0)."""
-        check: int = _xxh64(tag + meta.to_bytes(8, "little") + value_area, self._check_seed)
+        words = (meta | user << 64).to_bytes(16, "little")
+        check: int = _xxh64(tag + words + value_area, self._check_seed)
         return (check & CHECK_HASH_MASK) or 1
 
     def check_word_index(self, slot: int) -> int:
@@ -123,10 +131,10 @@ class Table:
             pos = buf.find(tag, pos + 1, end)  # a match straddling two tags: keep looking
         return -1
 
-    def read_slot(self, slot: int) -> tuple[bytes, int, int, bytes | None] | None:
-        """A consistent copy ``(tag, meta, check, value)`` of a slot, or None if torn/invalid.
-
-        ``value`` is None when the slot holds no value (hash-only mode or an oversize one).
+    def read_slot(self, slot: int) -> tuple[bytes, int, int, bytes | None, int] | None:
+        """A consistent copy ``(tag, meta, check, value, user)`` of a slot, or None if
+        torn or invalid. ``value`` is None when the slot holds no value (hash-only mode or
+        an oversize one); ``user`` is the user tag, 0 for none.
         """
         check = self.words[self._checks_w + slot]
         if not check:
@@ -134,6 +142,7 @@ class Table:
         t = self._tags + slot * TAG_SIZE
         tag = bytes(self._buf[t : t + TAG_SIZE])
         meta = self.words[self._rec_w + slot * self._rw]
+        user = self.words[self._users_w + slot]
         area = b""
         if self._vstride:
             v = self._value_offset(slot)
@@ -144,10 +153,10 @@ class Table:
                 area = bytes(self._buf[v : v + 4 + length])
             else:
                 return None
-        if self._checksum(tag, meta, area) != check & CHECK_HASH_MASK:
+        if self._checksum(tag, meta, user, area) != check & CHECK_HASH_MASK:
             return None
         value = area[4:] if area and area != _NO_VALUE_BYTES else None
-        return tag, meta, check, value
+        return tag, meta, check, value, user
 
     def lookup(self, tag: bytes, home: int, now_ms: int) -> tuple[int, int, int, bytes | None]:
         """``(slot, check, expiry_ms, value)`` of a live entry; raises KeyError on a miss.
@@ -160,7 +169,7 @@ class Table:
         snap = self.read_slot(slot)
         if snap is None or snap[0] != tag:
             raise KeyError(tag)
-        _, meta, check, value = snap
+        _, meta, check, value, _ = snap
         expiry = meta >> NONCE_BITS
         if now_ms >= expiry:
             raise KeyError(tag)
@@ -172,7 +181,14 @@ class Table:
     # -- writes (caller holds the lock) --------------------------------------------------
 
     def store_locked(
-        self, tag: bytes, home: int, meta: int, value: bytes | None, now_ms: int, stamp: int = 0
+        self,
+        tag: bytes,
+        home: int,
+        meta: int,
+        value: bytes | None,
+        now_ms: int,
+        stamp: int = 0,
+        user: int = 0,
     ) -> tuple[int, int]:
         """Insert or overwrite ``tag``; returns ``(slot, check)``. Never fails for lack of room.
 
@@ -197,7 +213,7 @@ class Table:
                 slot = self.find(ZERO_TAG, home)
                 if slot < 0:
                     slot = self._reclaim_window_locked(home, now_ms)
-        return slot, self._write_slot_locked(slot, tag, meta, value, stamp)
+        return slot, self._write_slot_locked(slot, tag, meta, value, stamp, user)
 
     def _reclaim_window_locked(self, home: int, now_ms: int) -> int:
         """The window is full: reclaim every expired or invalid slot in it, else evict the
@@ -217,7 +233,13 @@ class Table:
         return home + metas.index(min(metas))
 
     def _write_slot_locked(
-        self, slot: int, tag: bytes, meta: int, value: bytes | None, stamp: int = 0
+        self,
+        slot: int,
+        tag: bytes,
+        meta: int,
+        value: bytes | None,
+        stamp: int = 0,
+        user: int = 0,
     ) -> int:
         words = self.words
         words[W_JOURNAL] = _OP_SLOT_BITS | slot
@@ -229,13 +251,15 @@ class Table:
         self._buf[t : t + TAG_SIZE] = tag
         mw = self._rec_w + slot * self._rw
         words[mw] = meta
+        words[self._users_w + slot] = user
+        mu = (meta | user << 64).to_bytes(16, "little")
         if self._vstride:
             area = _NO_VALUE_BYTES if value is None else len(value).to_bytes(4, "little") + value
             v = mw * 8 + 8
             self._buf[v : v + len(area)] = area
-            check = _xxh64(tag + meta.to_bytes(8, "little") + area, self._check_seed)
+            check = _xxh64(tag + mu + area, self._check_seed)
         else:
-            check = _xxh64(tag + meta.to_bytes(8, "little"), self._check_seed)
+            check = _xxh64(tag + mu, self._check_seed)
         check = (stamp & STAMP_MASK) << CHECK_HASH_BITS | ((check & CHECK_HASH_MASK) or 1)
         words[cw] = check
         return check
@@ -247,6 +271,7 @@ class Table:
         t = self._tags + slot * TAG_SIZE
         self._buf[t : t + TAG_SIZE] = ZERO_TAG
         words[self._rec_w + slot * self._rw] = 0
+        words[self._users_w + slot] = 0
 
     def remove_locked(self, tag: bytes, home: int) -> bool:
         """Remove ``tag``; True if it was there.
@@ -267,6 +292,30 @@ class Table:
             slot = self.find(tag, home)
         return True
 
+    def remove_user_locked(self, user: int, now_ms: int) -> int:
+        """Remove every slot whose user tag is ``user``; returns how many were live.
+
+        One C-level ``find`` over the dense user array per match: the scan costs about a
+        microsecond per 8 KiB of table, whatever the number of live sessions.
+        """
+        needle = user.to_bytes(8, "little")
+        base = self._users_w * 8
+        end = base + 8 * self._phys
+        buf, words = self._buf, self.words
+        threshold = (now_ms + 1) << NONCE_BITS
+        live = 0
+        pos = buf.find(needle, base, end)
+        while pos >= 0:
+            if (pos - base) % 8:
+                pos = buf.find(needle, pos + 1, end)  # straddles two words: not a match
+                continue
+            slot = (pos - base) // 8
+            if words[self._checks_w + slot] and words[self._rec_w + slot * self._rw] >= threshold:
+                live += 1
+            self._zero_slot_locked(slot)
+            pos = buf.find(needle, pos + 8, end)
+        return live
+
     def clear_locked(self) -> None:
         """Empty every slot. Journaled, so a holder killed half-way is finished by recovery."""
         words = self.words
@@ -275,6 +324,7 @@ class Table:
         # are left as they are: a zero check already makes them unreadable.
         self._zero_words(self._checks_w, 1)
         self._zero_words(self._tags // 8, 1, self._phys * TAG_SIZE // 8)
+        self._zero_words(self._users_w, 1)
         self._zero_words(self._rec_w, self._rw)
         words[W_JOURNAL] = OP_NONE
 
@@ -337,8 +387,9 @@ class Table:
         tag = bytes(self._buf[t : t + TAG_SIZE])
         check = self.words[self._checks_w + slot]
         if tag == ZERO_TAG:
-            if check or self.words[self._rec_w + slot * self._rw]:
-                return f"slot {slot}: empty tag but leftover check or meta words"
+            words = self.words
+            if check or words[self._rec_w + slot * self._rw] or words[self._users_w + slot]:
+                return f"slot {slot}: empty tag but leftover check, meta or user words"
             return None
         if not check:
             return f"slot {slot}: tag without a check (a write that never finished)"

@@ -108,7 +108,9 @@ def independent_check(table: Table, buf: bytearray, slot: int) -> bool:
             area = buf[m + 8 : m + 12 + length]
         else:
             return False
-    digest = xxhash.xxh3_64_intdigest(tag + meta + area, CHECK_SEED) & HASH_MASK or 1
+    u = g.users_offset + 8 * slot
+    user = buf[u : u + 8]
+    digest = xxhash.xxh3_64_intdigest(tag + meta + user + area, CHECK_SEED) & HASH_MASK or 1
     return check != 0 and check & HASH_MASK == digest
 
 
