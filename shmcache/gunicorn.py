@@ -9,10 +9,10 @@ and in the app, wherever it builds its session cache::
     from shmcache.gunicorn import get_cache
     cache = get_cache()
 
-Configuration: ``configure(name=..., capacity=..., value_size=..., codec=...)`` in
-``gunicorn.conf.py``, or the environment variables ``SHMCACHE_NAME``, ``SHMCACHE_CAPACITY``
-and ``SHMCACHE_VALUE_SIZE``. The master exports ``SHMCACHE_NAME`` so that every worker,
-forked or spawned, finds the same segment.
+Configuration: ``configure(name=..., capacity=..., value_size=..., codec=...,
+user_id_of=...)`` in ``gunicorn.conf.py``, or the environment variables ``SHMCACHE_NAME``,
+``SHMCACHE_CAPACITY`` and ``SHMCACHE_VALUE_SIZE``. The master exports ``SHMCACHE_NAME`` so
+that every worker, forked or spawned, finds the same segment.
 
 Why each hook:
 
@@ -40,6 +40,7 @@ from ._errors import (
     SegmentNotFound,
     ShmCacheError,
 )
+from ._protocol import UserIdOf
 from ._segment import normalize_name, unlink_names
 from ._shm import SharedMemorySessionCache
 from .codecs import Codec
@@ -61,13 +62,19 @@ def configure(
     capacity: int | None = None,
     value_size: int | None = None,
     codec: Codec | None = None,
+    user_id_of: UserIdOf | None = None,
 ) -> None:
     """Settings for the hooks and ``get_cache`` (keyword arguments win over ``SHMCACHE_*``)."""
     for key, value in (
-        ("name", name), ("capacity", capacity), ("value_size", value_size), ("codec", codec)
+        ("name", name), ("capacity", capacity), ("value_size", value_size), ("codec", codec),
+        ("user_id_of", user_id_of),
     ):
         if value is not None:
             _settings[key] = value
+
+
+def _options() -> dict[str, Any]:
+    return {"codec": _settings.get("codec"), "user_id_of": _settings.get("user_id_of")}
 
 
 def _int_setting(key: str, env: str, default: int) -> int:
@@ -100,21 +107,21 @@ def _name(server: Any = None) -> str:
 def _open_in_master(name: str) -> SharedMemorySessionCache:
     capacity = _int_setting("capacity", ENV_CAPACITY, 65536)
     value_size = _int_setting("value_size", ENV_VALUE_SIZE, 0)
-    codec = _settings.get("codec")
+    options = _options()
     try:
-        return SharedMemorySessionCache.create(name, capacity, value_size, codec)
+        return SharedMemorySessionCache.create(name, capacity, value_size, **options)
     except SegmentExists:
         pass
     # The name is taken: by the master we are replacing (USR2 binary upgrade, both run side
     # by side for a while), or by a master that crashed. Share it if its layout is ours.
     try:
-        cache = SharedMemorySessionCache.attach(name, codec)
+        cache = SharedMemorySessionCache.attach(name, **options)
     except (IncompatibleSegment, SegmentNotFound) as exc:
         # Another layout version, or half a pair of names left by a crash: never share
         # those. Take the name over; processes still mapping the old segment keep it.
         log.warning("shmcache: replacing segment %r (%s)", name, exc)
         unlink_names(name)
-        return SharedMemorySessionCache.create(name, capacity, value_size, codec)
+        return SharedMemorySessionCache.create(name, capacity, value_size, **options)
     if cache.capacity != capacity or cache.value_size != value_size:
         log.warning(
             "shmcache: reusing segment %r with capacity %d and value size %d (configured: "
@@ -190,18 +197,18 @@ def get_cache() -> SharedMemorySessionCache:
         if _cache is not None and not _cache.closed:
             return _cache
         name = _name()
-        codec = _settings.get("codec")
+        options = _options()
         try:
-            cache = SharedMemorySessionCache.attach(name, codec)
+            cache = SharedMemorySessionCache.attach(name, **options)
         except SegmentNotFound:
             try:
                 cache = SharedMemorySessionCache.create(
                     name,
                     _int_setting("capacity", ENV_CAPACITY, 65536),
                     _int_setting("value_size", ENV_VALUE_SIZE, 0),
-                    codec,
+                    **options,
                 )
             except SegmentExists:  # another worker won the race: use theirs
-                cache = SharedMemorySessionCache.attach(name, codec)
+                cache = SharedMemorySessionCache.attach(name, **options)
         _cache = cache
         return cache
