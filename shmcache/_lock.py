@@ -45,6 +45,7 @@ from ._errors import LockTimeout
 from ._layout import U64, W_GEN, W_OWNER, W_RECOVERIES
 
 _SLICE = 0.02
+_SPINS = 20
 _TIMED_WAIT = bool(getattr(posix_ipc, "SEMAPHORE_TIMEOUT_SUPPORTED", False))
 _HAS_VALUE = bool(getattr(posix_ipc, "SEMAPHORE_VALUE_SUPPORTED", False))
 _ALL_SIGNALS = signal.valid_signals() if hasattr(signal, "valid_signals") else set()
@@ -98,7 +99,7 @@ class SegmentLock:
         try:
             self._sem_acquire(0)
         except posix_ipc.BusyError:
-            return self._wait()
+            return self._spin_then_wait()
         words = self._words
         if words[W_OWNER]:
             return self._wait(absorbed=True)  # taken over while we stalled: see _claim
@@ -126,6 +127,23 @@ class SegmentLock:
         words[W_GEN] = gen
         words[W_OWNER] = self._me
         return gen
+
+    def _spin_then_wait(self) -> int:
+        """Contended: retry a few times, yielding the CPU in between, before sleeping.
+
+        A holder keeps the lock for a few microseconds; a futex sleep and wake-up (plus the
+        signal mask calls around it) cost more than that, and with more processes than
+        cores the yield is also what lets a preempted holder finish.
+        """
+        for _ in range(_SPINS):
+            os.sched_yield()
+            try:
+                self._sem_acquire(0)
+            except posix_ipc.BusyError:
+                continue
+            gen = self._claim()
+            return gen if gen >= 0 else self._wait(absorbed=True)
+        return self._wait()
 
     def _wait(self, absorbed: bool = False) -> int:
         blocked = _TIMED_WAIT and bool(_ALL_SIGNALS)

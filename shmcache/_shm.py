@@ -362,12 +362,26 @@ class SharedMemorySessionCache:
         tag, home = table.tag_of(token_bytes(token))
         self._lock.acquire()
         try:
-            table.remove_locked(tag, home)
+            found = table.remove_locked(tag, home)
         except BaseException:
             table.repair_locked()
             raise
         finally:
             self._lock.release()
+        if not found:
+            # Not there: maybe expired and reclaimed, or maybe its tag was damaged in place
+            # while a process still trusts the slot's check word. Drop damaged slots of the
+            # window too (checksums computed outside the lock, re-checked under it).
+            suspects = table.damaged_in_window(home)
+            if suspects:
+                self._lock.acquire()
+                try:
+                    table.drop_damaged_locked(suspects)
+                except BaseException:
+                    table.repair_locked()
+                    raise
+                finally:
+                    self._lock.release()
         self._publish()
 
     def invalidate_by_user(self, user_id: str | int) -> int:

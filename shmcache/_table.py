@@ -274,23 +274,33 @@ class Table:
         words[self._users_w + slot] = 0
 
     def remove_locked(self, tag: bytes, home: int) -> bool:
-        """Remove ``tag``; True if it was there.
-
-        Zeroes every copy in the window (a damaged segment may hold two). If there is none,
-        the tag may have been damaged in place, and a process could still trust that slot's
-        check word: so a logout that finds nothing also drops every slot of the window that
-        is not a whole entry. That costs a checksum per occupied slot, on this path only.
-        """
+        """Remove ``tag``, every copy in the window (a damaged segment may hold two); True
+        if it was there."""
         slot = self.find(tag, home)
-        if slot < 0:
-            for other in range(home, home + self._window):
-                if self.slot_problem(other) is not None:
-                    self._zero_slot_locked(other)
-            return False
+        found = slot >= 0
         while slot >= 0:
             self._zero_slot_locked(slot)
             slot = self.find(tag, home)
-        return True
+        return found
+
+    def damaged_in_window(self, home: int) -> list[int]:
+        """Slots of a window that are not whole entries (lock-free, so a racing writer can
+        cause a false alarm: re-check with ``drop_damaged_locked``).
+
+        A logout that does not find its tag calls this: the tag may have been damaged in
+        place while some process still trusts that slot's check word. It costs a checksum
+        per occupied slot, which is why it runs outside the lock.
+        """
+        return [s for s in range(home, home + self._window) if self.slot_problem(s)]
+
+    def drop_damaged_locked(self, slots: list[int]) -> int:
+        """Zero those of ``slots`` that are still not whole entries; returns how many."""
+        dropped = 0
+        for slot in slots:
+            if self.slot_problem(slot) is not None:
+                self._zero_slot_locked(slot)
+                dropped += 1
+        return dropped
 
     def remove_user_locked(self, user: int, now_ms: int) -> int:
         """Remove every slot whose user tag is ``user``; returns how many were live.
