@@ -45,7 +45,7 @@ from ._errors import LockTimeout
 from ._layout import U64, W_GEN, W_OWNER, W_RECOVERIES
 
 _SLICE = 0.02
-_SPINS = 20
+_SPINS = 100  # about 50-100 us of retries: longer than any critical section
 _TIMED_WAIT = bool(getattr(posix_ipc, "SEMAPHORE_TIMEOUT_SUPPORTED", False))
 _HAS_VALUE = bool(getattr(posix_ipc, "SEMAPHORE_VALUE_SUPPORTED", False))
 _ALL_SIGNALS = signal.valid_signals() if hasattr(signal, "valid_signals") else set()
