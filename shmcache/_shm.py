@@ -370,9 +370,9 @@ class SharedMemorySessionCache:
             self._lock.release()
         if not found:
             # Not there: maybe expired and reclaimed, or maybe its tag was damaged in place
-            # while a process still trusts the slot's check word. Drop damaged slots of the
-            # window too (checksums computed outside the lock, re-checked under it).
-            suspects = table.damaged_in_window(home)
+            # while a process still trusts the slot's check word: drop such damaged copies
+            # too (found outside the lock, re-checked under it).
+            suspects = table.damaged_copies(tag, home)
             if suspects:
                 self._lock.acquire()
                 try:

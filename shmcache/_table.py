@@ -283,15 +283,26 @@ class Table:
             slot = self.find(tag, home)
         return found
 
-    def damaged_in_window(self, home: int) -> list[int]:
-        """Slots of a window that are not whole entries (lock-free, so a racing writer can
-        cause a false alarm: re-check with ``drop_damaged_locked``).
+    def damaged_copies(self, tag: bytes, home: int) -> list[int]:
+        """Slots of the window holding a damaged copy of ``tag``: one whose tag still
+        matches ours in one half (any damage shorter than 9 bytes) but is not a whole entry.
 
         A logout that does not find its tag calls this: the tag may have been damaged in
-        place while some process still trusts that slot's check word. It costs a checksum
-        per occupied slot, which is why it runs outside the lock.
+        place while some process still trusts that slot's check word. Two C-level finds,
+        then a checksum for the (rare) candidates; lock-free, so re-check the result with
+        ``drop_damaged_locked``.
         """
-        return [s for s in range(home, home + self._window) if self.slot_problem(s)]
+        buf, base = self._buf, self._tags
+        start = base + home * TAG_SIZE
+        end = start + self._window * TAG_SIZE
+        candidates = set()
+        for half, offset in ((tag[:8], 0), (tag[8:], 8)):
+            pos = buf.find(half, start + offset, end)
+            while pos >= 0:
+                if (pos - base - offset) % TAG_SIZE == 0:
+                    candidates.add((pos - base - offset) // TAG_SIZE)
+                pos = buf.find(half, pos + 1, end)
+        return sorted(s for s in candidates if self.slot_problem(s) is not None)
 
     def drop_damaged_locked(self, slots: list[int]) -> int:
         """Zero those of ``slots`` that are still not whole entries; returns how many."""
