@@ -1,0 +1,286 @@
+"""Every backend the suite measures, behind one interface.
+
+A ``Store`` is the shared thing (a segment, a directory, a server); ``open()`` gives this
+process a ``SessionCache`` on it. Parents create stores; children made with ``fork`` call
+``open()`` themselves, the way a gunicorn worker attaches after the master forks it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import multiprocessing
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from shmcache import InMemorySessionCache, SharedMemorySessionCache
+
+from . import seed
+from .adapters import (
+    DiskcacheSessionCache,
+    LmdbSessionCache,
+    ManagerDictSessionCache,
+    RedisAdapter,
+)
+from .redis_server import RedisServer
+
+VALUE_SIZE = 256  # the value-mode segment: a pickled seed Session is about 150 bytes
+CAPACITY = 65536  # the README's example capacity
+
+_names = itertools.count()
+
+
+def segment_name(tag: str) -> str:
+    return f"shmcache-bench-{os.getpid()}-{tag}-{next(_names)}"
+
+
+class Resources:
+    """What stores share for one run: a temporary directory and, on demand, one
+    redis-server (started once, stopped by ``close``)."""
+
+    def __init__(self) -> None:
+        self.tmpdir = tempfile.mkdtemp(prefix="shmcache-bench-")
+        self._redis: RedisServer | None = None
+
+    def redis_port(self) -> int:
+        if self._redis is None:
+            server = RedisServer(self.tmpdir)
+            server.start()
+            self._redis = server
+        return self._redis.port
+
+    def close(self) -> None:
+        if self._redis is not None:
+            self._redis.stop()
+            self._redis = None
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+class Store:
+    """A backend's shared state; ``open`` may be called in any process forked from here."""
+
+    shared = True  # a session set in one process is a hit in another
+    impl = ""  # what actually answers the calls, for the JSON
+
+    def open(self) -> Any:
+        raise NotImplementedError
+
+    def destroy(self) -> None:
+        """Remove what ``__init__`` made (parent only)."""
+
+    def before_fork(self) -> None:
+        """Called before a child that will ``open()`` is forked."""
+
+
+class InMemoryStore(Store):
+    shared = False
+
+    def __init__(self, verbatim_seed: bool = True) -> None:
+        self._seed = verbatim_seed
+        self.impl = ("bench.seed.InMemorySessionCache (the seed's, verbatim)" if verbatim_seed
+                     else "shmcache.InMemorySessionCache")
+
+    def open(self) -> Any:
+        # One dict per process: the seed's design (and its logout bug).
+        return seed.InMemorySessionCache() if self._seed else InMemorySessionCache()
+
+
+class ShmStore(Store):
+    def __init__(self, value_size: int, capacity: int = CAPACITY) -> None:
+        self.impl = f"shmcache.SharedMemorySessionCache(value_size={value_size})"
+        self.name = segment_name("v" if value_size else "h")
+        self.capacity = capacity
+        self.value_size = value_size
+        # Hash-only: another process's get of a session set here is a miss (by design).
+        self.shared = value_size > 0
+        self._creator = SharedMemorySessionCache.create(
+            self.name, capacity=capacity, value_size=value_size
+        )
+        self._opened: list[SharedMemorySessionCache] = []
+        self._pid = os.getpid()
+
+    def open(self) -> SharedMemorySessionCache:
+        cache = SharedMemorySessionCache.attach(self.name)
+        if os.getpid() == self._pid:
+            self._opened.append(cache)
+        return cache
+
+    def destroy(self) -> None:
+        for cache in self._opened:
+            cache.close()
+        self._creator.unlink()
+        self._creator.close()
+
+
+class LmdbStore(Store):
+    impl = "adapters.LmdbSessionCache (py-lmdb)"
+
+    def __init__(self, res: Resources) -> None:
+        self.path = tempfile.mkdtemp(prefix="lmdb-", dir=res.tmpdir)
+        self._opened: list[LmdbSessionCache] = []
+
+    def open(self) -> LmdbSessionCache:
+        cache = LmdbSessionCache(self.path)
+        self._opened.append(cache)
+        return cache
+
+    def destroy(self) -> None:
+        for cache in self._opened:
+            cache.close()
+
+    def before_fork(self) -> None:
+        # LMDB must not be used across fork, and py-lmdb refuses to open an environment
+        # that the process (by inheritance) already has open: close ours first.
+        self.destroy()
+        self._opened.clear()
+
+
+class DiskcacheStore(Store):
+    impl = "adapters.DiskcacheSessionCache (diskcache.Cache)"
+
+    def __init__(self, res: Resources) -> None:
+        self.path = tempfile.mkdtemp(prefix="diskcache-", dir=res.tmpdir)
+        self._opened: list[DiskcacheSessionCache] = []
+
+    def open(self) -> DiskcacheSessionCache:
+        cache = DiskcacheSessionCache(self.path)
+        self._opened.append(cache)
+        return cache
+
+    def destroy(self) -> None:
+        for cache in self._opened:
+            cache.close()
+
+
+class ManagerStore(Store):
+    impl = "adapters.ManagerDictSessionCache (multiprocessing.Manager().dict())"
+
+    def __init__(self) -> None:
+        self._manager = multiprocessing.get_context("fork").Manager()
+        self._proxy = self._manager.dict()
+
+    def open(self) -> ManagerDictSessionCache:
+        return ManagerDictSessionCache(self._proxy)
+
+    def destroy(self) -> None:
+        self._manager.shutdown()
+
+
+def shmcache_redis(port: int) -> Any | None:
+    """``shmcache.RedisSessionCache`` on the throwaway server, if the package has one
+    (its constructor takes a URL); None otherwise, and the bench's own adapter stands in."""
+    try:
+        from shmcache import RedisSessionCache  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        return None
+    return RedisSessionCache(f"redis://127.0.0.1:{port}/0")
+
+
+class RedisStore(Store):
+    def __init__(self, res: Resources) -> None:
+        self.port = res.redis_port()
+        probe = shmcache_redis(self.port)
+        self.impl = (
+            "shmcache.RedisSessionCache" if probe is not None
+            else "adapters.RedisAdapter (redis-py; shmcache.RedisSessionCache not importable)"
+        )
+        self._opened: list[Any] = [] if probe is None else [probe]
+
+    def open(self) -> Any:
+        cache = shmcache_redis(self.port) or RedisAdapter(self.port)
+        self._opened.append(cache)
+        return cache
+
+    def destroy(self) -> None:
+        for cache in self._opened:
+            close = getattr(cache, "close", None)
+            if close is not None:
+                close()
+
+
+class TieredStore(Store):
+    """``shmcache.TieredSessionCache``: a value-mode segment in front of Redis."""
+
+    impl = "shmcache.TieredSessionCache(SharedMemorySessionCache, RedisSessionCache)"
+
+    def __init__(self, res: Resources) -> None:
+        self.port = res.redis_port()
+        self._shm = ShmStore(VALUE_SIZE)
+        self._opened: list[Any] = []
+
+    def open(self) -> Any:
+        from shmcache import (  # type: ignore[attr-defined,unused-ignore]
+            RedisSessionCache,
+            TieredSessionCache,
+        )
+
+        remote = RedisSessionCache(f"redis://127.0.0.1:{self.port}/0")
+        cache = TieredSessionCache(self._shm.open(), remote)
+        self._opened.append(cache)
+        return cache
+
+    def destroy(self) -> None:
+        for cache in self._opened:
+            cache.close()
+        self._shm.destroy()
+
+
+def _tiered_missing() -> str | None:
+    import shmcache
+
+    if not hasattr(shmcache, "TieredSessionCache"):
+        return "this shmcache has no TieredSessionCache"
+    return _redis_missing()
+
+
+def _module_missing(module: str) -> str | None:
+    if importlib.util.find_spec(module) is None:
+        return f"python package {module!r} not installed (pip install -e '.[bench]')"
+    return None
+
+
+def _redis_missing() -> str | None:
+    return _module_missing("redis") or RedisServer.missing()
+
+
+@dataclass(frozen=True)
+class Backend:
+    key: str
+    label: str
+    make: Callable[[Resources], Store]
+    missing: Callable[[], str | None] = lambda: None
+
+
+BACKENDS: tuple[Backend, ...] = (
+    Backend("inmemory", "InMemorySessionCache (seed)", lambda r: InMemoryStore()),
+    Backend("inmemory-pkg", "shmcache.InMemorySessionCache", lambda r: InMemoryStore(False)),
+    Backend("shm", "shmcache, hash-only", lambda r: ShmStore(0)),
+    Backend("shm-value", f"shmcache, value_size={VALUE_SIZE}", lambda r: ShmStore(VALUE_SIZE)),
+    Backend("lmdb", "LMDB (py-lmdb)", LmdbStore, lambda: _module_missing("lmdb")),
+    Backend("diskcache", "diskcache", DiskcacheStore, lambda: _module_missing("diskcache")),
+    Backend("manager", "Manager().dict()", lambda r: ManagerStore()),
+    Backend("redis", "Redis (loopback)", RedisStore, _redis_missing),
+    Backend("tiered", f"Tiered (shm value_size={VALUE_SIZE} + Redis)", TieredStore,
+            _tiered_missing),
+)
+BY_KEY = {b.key: b for b in BACKENDS}
+
+
+def available(
+    keys: tuple[str, ...] | None, note: Callable[[str], None]
+) -> list[Backend]:
+    """The backends to run (all when ``keys`` is None), saying why each missing one is
+    skipped."""
+    chosen = [b for b in BACKENDS if keys is None or b.key in keys]
+    out = []
+    for backend in chosen:
+        reason = backend.missing()
+        if reason is None:
+            out.append(backend)
+        else:
+            note(f"skipped {backend.label}: {reason}")
+    return out

@@ -1,0 +1,73 @@
+"""Run sizes: ``--smoke`` (the test suite's, seconds), ``--quick`` (< 1 min), full (< 10 min)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    backends: tuple[str, ...] | None  # None: every backend that is installed
+    # single process
+    tokens: int  # distinct live tokens the get-hit batches cycle through
+    batch: int  # calls per timed batch (one sample = one batch's mean)
+    op_seconds: float  # time budget per (backend, operation)
+    min_batches: int
+    max_batches: int
+    # many processes
+    procs: tuple[int, ...]
+    multi_seconds: float
+    multi_pool: int  # tokens shared by every worker process
+    multi_backends: tuple[str, ...]
+    # table behaviour
+    table_capacity: int
+    load_levels: tuple[float, ...]  # fractions of capacity
+    churn_ops: int  # sets + invalidates
+    churn_checkpoints: int
+    # end to end (0 seconds: skipped)
+    e2e_seconds: float
+    e2e_backends: tuple[str, ...]
+    # memory
+    big_capacity: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_E2E = ("inmemory", "shm", "shm-value", "redis")
+_MULTI = ("inmemory", "shm", "shm-value")
+
+FULL = Config(
+    name="full", backends=None,
+    tokens=20000, batch=100, op_seconds=1.0, min_batches=50, max_batches=2000,
+    procs=(1, 2, 4, 8), multi_seconds=3.0, multi_pool=20000, multi_backends=_MULTI,
+    table_capacity=65536, load_levels=tuple(i / 10 for i in range(1, 11)),
+    churn_ops=2_000_000, churn_checkpoints=10,
+    e2e_seconds=8.0, e2e_backends=_E2E,
+    big_capacity=1_000_000,
+)
+
+QUICK = Config(
+    name="quick", backends=None,
+    tokens=4000, batch=100, op_seconds=0.12, min_batches=20, max_batches=400,
+    procs=(1, 2, 4, 8), multi_seconds=0.4, multi_pool=2000, multi_backends=_MULTI,
+    table_capacity=16384, load_levels=(0.1, 0.5, 1.0),
+    churn_ops=100_000, churn_checkpoints=4,
+    e2e_seconds=1.0, e2e_backends=_E2E,
+    big_capacity=1_000_000,
+)
+
+# For tests/test_bench.py: every section's machinery, one backend pair, a few hundred calls.
+SMOKE = Config(
+    name="smoke", backends=("inmemory", "shm"),
+    tokens=300, batch=20, op_seconds=0.02, min_batches=5, max_batches=20,
+    procs=(1, 2), multi_seconds=0.2, multi_pool=300, multi_backends=("inmemory", "shm"),
+    table_capacity=1024, load_levels=(0.1, 1.0),
+    churn_ops=2000, churn_checkpoints=2,
+    e2e_seconds=0.0, e2e_backends=(),
+    big_capacity=10000,
+)
+
+PRESETS = {c.name: c for c in (FULL, QUICK, SMOKE)}

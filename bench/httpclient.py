@@ -1,0 +1,93 @@
+"""A Python load generator for when wrk is not installed: forked processes, each with a few
+threads sending ``GET /me`` over fresh loopback connections (gunicorn's sync workers close
+the connection after every response, as they do for wrk too)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import socket
+import threading
+import time
+from array import array
+from typing import Any
+
+from .stats import summary
+
+
+def _one(port: int, token: str) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(
+            f"GET /me HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data.startswith(b"HTTP/1.1 200") or data.startswith(b"HTTP/1.0 200")
+
+
+def _process(port: int, tokens: list[str], seconds: float, threads: int, conn: Any) -> None:
+    lat = array("q")
+    errors = [0]
+    guard = threading.Lock()
+    deadline = time.perf_counter() + seconds
+
+    def loop(seed: int) -> None:
+        rng = random.Random(seed)
+        mine = array("q")
+        bad = 0
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter_ns()
+            try:
+                ok = _one(port, tokens[rng.randrange(len(tokens))])
+            except OSError:
+                ok = False
+            mine.append(time.perf_counter_ns() - t0)
+            bad += not ok
+        with guard:
+            lat.extend(mine)
+            errors[0] += bad
+
+    ts = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+    t0 = time.perf_counter()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    conn.send({"elapsed": time.perf_counter() - t0, "errors": errors[0], "lat": lat.tobytes()})
+    conn.close()
+
+
+def load(port: int, tokens: list[str], seconds: float, procs: int = 2,
+         threads: int = 4) -> dict[str, Any]:
+    """Figures in the same shape as the wrk script's."""
+    ctx = multiprocessing.get_context("fork")
+    pipes, ps = [], []
+    for _ in range(procs):
+        parent, child = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_process, args=(port, tokens, seconds, threads, child))
+        p.start()
+        child.close()
+        pipes.append(parent)
+        ps.append(p)
+    lat = array("q")
+    errors = 0
+    elapsed = 0.0
+    for parent in pipes:
+        out = parent.recv()
+        a = array("q")
+        a.frombytes(out["lat"])
+        lat.extend(a)
+        errors += out["errors"]
+        elapsed = max(elapsed, out["elapsed"])
+    for p in ps:
+        p.join()
+    s = summary([x / 1000 for x in lat])
+    return {
+        "requests": len(lat),
+        "duration_us": int(elapsed * 1e6),
+        "errors": {"status_or_socket": errors},
+        "latency_us": {"mean": s["mean"], "p50": s["median"], "p99": s["p99"],
+                       "p999": s["p999"]},
+    }

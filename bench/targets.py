@@ -1,0 +1,87 @@
+"""The issue's targets, judged against the figures of one run.
+
+Each target lists its figure per variant (mode, workload) and is met only if every
+variant is; a target whose figures were not measured (a section or a peer skipped) is
+``None``, never silently met.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .stats import finite, ratio
+
+SHM = {"shm": "hash-only", "shm-value": "value mode"}
+
+
+def _get(d: Any, *path: str) -> Any:
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+def _target(
+    name: str, cmp: str, limit: float, figures: dict[str, Any], unit: str = "x"
+) -> dict[str, Any]:
+    figs = {k: v for k, v in figures.items() if finite(v)}
+    met: bool | None = None
+    if figs:
+        met = all(v <= limit if cmp == "<=" else v >= limit for v in figs.values())
+    return {"name": name, "cmp": cmp, "limit": limit, "unit": unit, "figures": figs,
+            "met": met}
+
+
+def evaluate(result: dict[str, Any]) -> list[dict[str, Any]]:
+    single = _get(result, "single", "backends") or {}
+    multi = _get(result, "multi", "workloads") or {}
+    e2e = _get(result, "e2e", "backends") or {}
+    out = []
+
+    def op_ratio(op: str) -> dict[str, Any]:
+        return {m: _get(single, k, "ops", op, "ratio") for k, m in SHM.items()}
+
+    out.append(_target("get (hit) vs InMemorySessionCache.get, same process", "<=", 2.0,
+                       op_ratio("get_hit")))
+    out.append(_target("get (hit) in a process other than the setter, vs in-memory",
+                       "<=", 2.0, {"value mode": _get(single, "shm-value", "other_process",
+                                                      "ratio")}))
+    out.append(_target("set vs InMemorySessionCache.set", "<=", 6.0, op_ratio("set")))
+    for peer, label, limit in (("lmdb", "LMDB", 1.0), ("diskcache", "diskcache", 10.0),
+                               ("redis", "Redis (loopback)", 50.0)):
+        peer_get = _get(single, peer, "ops", "get_hit", "median")
+        figs = {m: ratio(peer_get, _get(single, k, "ops", "get_hit", "median"))
+                if peer_get is not None else None for k, m in SHM.items()}
+        cmp_word = "faster than" if limit == 1.0 else f"at least {limit:g}x below"
+        out.append(_target(f"get {cmp_word} {label} (peer's get / shmcache's get)",
+                           ">" if limit == 1.0 else ">=", limit, figs))
+    scaling, tail = {}, {}
+    for workload, rows in multi.items():
+        for k, m in SHM.items():
+            scaling[f"{m}, {workload}"] = _get(rows, k, "counts", "2", "scaling")
+            tail[f"{m}, {workload}"] = _get(rows, k, "counts", "8", "latency", "get",
+                                            "ratio_p999")
+    ceiling = _get(result, "multi", "machine", "2", "scaling")
+    t = _target("throughput, 2 processes vs 1 (2 cores)", ">=", 1.7, scaling)
+    t["context"] = {"machine ceiling (empty loop)": ceiling}
+    for workload, rows in multi.items():
+        t["context"][f"in-memory, {workload}"] = _get(rows, "inmemory", "counts", "2", "scaling")
+    out.append(t)
+    out.append(_target("p99.9 get latency with 8 processes vs in-memory's", "<=", 3.0, tail))
+    out.append(_target("gunicorn (4 workers) requests/s vs the in-memory cache", ">=", 0.95,
+                       {m: _get(e2e, k, "rps_ratio") for k, m in SHM.items()}))
+    per_mode = _get(result, "memory", "per_mode") or []
+    hash_only = [m["bytes_per_session"] for m in per_mode if m["value_size"] == 0]
+    out.append(_target("shared memory per session, hash-and-expiry mode", "<=", 48.0,
+                       {"hash-only": hash_only[0] if hash_only else None}, unit=" B"))
+    mode = _get(result, "meta", "mode")
+    budget = {"quick": 60.0, "full": 600.0}.get(str(mode))
+    if budget is not None:
+        out.append(_target(f"--{mode} run time" if mode == "quick" else "full run time",
+                           "<=", budget, {str(mode): _get(result, "meta", "seconds")},
+                           unit=" s"))
+    for t in out:  # ">" means strictly faster
+        if t["cmp"] == ">" and t["figures"]:
+            t["met"] = all(v > t["limit"] for v in t["figures"].values())
+    return out

@@ -1,0 +1,26 @@
+-- wrk script: a random token of the file given as the first argument per request, and
+-- one JSON line of figures at the end (prefix WRKJSON, read by bench/e2e.py).
+local tokens = {}
+
+function init(args)
+  for line in io.lines(args[1]) do
+    tokens[#tokens + 1] = line
+  end
+  math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16) % 100000)
+end
+
+function request()
+  local t = tokens[math.random(#tokens)]
+  return wrk.format("GET", "/me", { ["Authorization"] = "Bearer " .. t })
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {"requests": %d, "duration_us": %d, "errors": {"connect": %d, "read": %d, ' ..
+    '"write": %d, "status": %d, "timeout": %d}, "latency_us": {"mean": %.1f, "p50": %d, ' ..
+    '"p90": %d, "p99": %d, "p999": %d, "max": %d}}\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency.mean, latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    latency:percentile(99.9), latency.max))
+end

@@ -1,0 +1,132 @@
+"""The benchmark suite's machinery on a tiny run (``--smoke``): it runs, and its JSON holds
+every figure the README and the targets are made from. Speed is never asserted here."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _positive(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, Path]:
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--no-plots", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "bench.json").read_text()), proc.stdout, out
+
+
+def test_environment_is_recorded(smoke: tuple[dict[str, Any], str, Path]) -> None:
+    meta = smoke[0]["meta"]
+    assert meta["mode"] == "smoke"
+    assert meta["command"].startswith("python -m bench")
+    env = meta["env"]
+    for key in ("cpu", "cores", "python", "platform", "packages"):
+        assert env[key], key
+    assert env["packages"]["shmcache"] and env["packages"]["posix_ipc"]
+
+
+def test_single_process_figures(smoke: tuple[dict[str, Any], str, Path]) -> None:
+    backends = smoke[0]["single"]["backends"]
+    assert set(backends) == {"inmemory", "shm"}
+    for key, row in backends.items():
+        assert row["hit_rate"] == 1.0, key  # the get-hit batches really hit
+        for op in ("get_hit", "get_miss", "set", "invalidate", "invalidate_absent"):
+            s = row["ops"][op]
+            assert s["n"] >= 5, (key, op)
+            for field in ("median", "p99", "ratio", "ratio_p99"):
+                assert _positive(s[field]), (key, op, field, s[field])
+            assert s["p99"] >= s["median"]
+    for s in backends["inmemory"]["ops"].values():
+        assert s["ratio"] == 1.0  # the baseline is its own reference
+
+
+def test_multi_process_figures(smoke: tuple[dict[str, Any], str, Path]) -> None:
+    multi = smoke[0]["multi"]
+    assert set(multi["workloads"]) == {"sticky", "shared"}
+    assert _positive(multi["machine"]["2"]["scaling"])
+    for workload, rows in multi["workloads"].items():
+        assert set(rows) == {"inmemory", "shm"}
+        for key, row in rows.items():
+            assert set(row["counts"]) == {"1", "2"}
+            for n, c in row["counts"].items():
+                where = (workload, key, n)
+                assert "error" not in c, (where, c.get("error"))
+                assert _positive(c["throughput"]) and _positive(c["scaling"]), where
+                assert 0 < c["hit_rate"] <= 1, where
+                get = c["latency"]["get"]
+                assert get["median"] <= get["p99"] <= get["p999"], where
+                assert _positive(get["ratio_p999"]), where
+
+
+def test_table_memory_and_targets(smoke: tuple[dict[str, Any], str, Path]) -> None:
+    result = smoke[0]
+    table = result["table"]
+    assert [lv["fraction"] for lv in table["levels"]] == [0.1, 1.0]
+    full = table["levels"][-1]
+    assert full["entries"] + full["evictions"] == table["capacity"]
+    assert table["check_after"] == []
+    assert table["churn"]["ops"] >= 2000
+    assert all(_positive(v) for v in table["churn"]["drift"].values())
+    modes = {m["value_size"]: m for m in result["memory"]["per_mode"]}
+    assert set(modes) == {0, 64, 256}
+    assert modes[0]["bytes_per_session"] < modes[64]["bytes_per_session"]
+    big = result["memory"]["big"][0]
+    assert _positive(big["create_s"]) and _positive(big["attach_other_process_s"])
+    assert "e2e" not in result  # --smoke leaves gunicorn out
+    names = [t["name"] for t in result["targets"]]
+    assert any("get (hit)" in n for n in names) and any("per session" in n for n in names)
+    for t in result["targets"]:
+        assert t["met"] in (True, False, None)
+        assert all(_positive(v) for v in t["figures"].values()), t
+
+
+def test_terminal_report(smoke: tuple[dict[str, Any], str, Path]) -> None:
+    stdout = smoke[1]
+    for title in ("Single process", "Many processes, sticky", "Table behaviour", "Memory",
+                  "Targets (issue 4)"):
+        assert title in stdout
+
+
+def test_readme_section_replaces_only_the_performance_sections(
+    smoke: tuple[dict[str, Any], str, Path], tmp_path: Path
+) -> None:
+    from bench import readme, targets
+
+    result = smoke[0]
+    result["targets"] = targets.evaluate(result)
+    (tmp_path / "README.md").write_text(
+        "# x\n\n## Limits\n\nkeep me\n\n## Performance\n\nOLD-PERFORMANCE-TEXT\n\n"
+        "## Benchmarks seen here\n\nBENCH-PLACEHOLDER\n\n## After\n\nkeep me too\n"
+    )
+    readme.publish(result, [], tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert "keep me\n" in text and "## After\n\nkeep me too" in text
+    assert "BENCH-PLACEHOLDER" not in text and "OLD-PERFORMANCE-TEXT" not in text
+    assert text.count("## Performance") == 1
+    assert "python -m bench --smoke" in text
+    assert "| InMemorySessionCache (seed) |" in text
+
+
+def test_plots(smoke: tuple[dict[str, Any], str, Path], tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from bench import plots
+
+    written = plots.write_all(smoke[0], tmp_path)
+    assert {p.name for p in written} == {"latency.png", "scaling.png", "table.png"}
+    for p in written:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
