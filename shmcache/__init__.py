@@ -25,7 +25,7 @@ from ._errors import (
 )
 from ._memory import InMemorySessionCache, NoOpSessionCache
 from ._open import open_cache
-from ._protocol import SessionCache
+from ._protocol import SessionCache, UserSessionCache
 from ._redis import RedisSessionCache
 from ._shm import SharedMemorySessionCache
 from ._tiered import TieredSessionCache
@@ -55,5 +55,6 @@ __all__ = [
     "SharedMemorySessionCache",
     "ShmCacheError",
     "TieredSessionCache",
+    "UserSessionCache",
     "open_cache",
 ]

@@ -13,9 +13,11 @@
                                        TieredSessionCache: the shm table in front of Redis
 
 Keyword options go to the constructors (``codec=``, ``secret=``, ``clock=``...) and win over
-the same parameter in the URL. Query parameters that are not ours on a Redis URL go to
-redis-py if it knows them (``socket_keepalive``, ``ssl_cert_reqs``...). Anything else is an
-``InvalidArgument`` that names it.
+the same parameter in the URL. ``user_id_of=`` (a callable deriving the user from a session,
+for ``invalidate_by_user``) is accepted by every scheme, so an app passes it whatever the
+URL says (``noop://`` has nothing to file). Query parameters that are not ours on a Redis
+URL go to redis-py if it knows them (``socket_keepalive``, ``ssl_cert_reqs``...). Anything
+else is an ``InvalidArgument`` that names it.
 """
 
 from __future__ import annotations
@@ -80,14 +82,14 @@ def open_cache(url: str, **options: Any) -> SessionCache:
 def _open_memory(url: str, options: dict[str, Any]) -> SessionCache:
     _no_location(url)
     _params(url, {})
-    _check_options(url, options, {"clock"})
+    _check_options(url, options, {"clock", "user_id_of"})
     return InMemorySessionCache(**options)
 
 
 def _open_noop(url: str, options: dict[str, Any]) -> SessionCache:
     _no_location(url)
     _params(url, {})
-    _check_options(url, options, set())
+    _check_options(url, options, {"user_id_of"})
     return NoOpSessionCache()
 
 
@@ -97,14 +99,14 @@ def _open_shm(url: str, options: dict[str, Any]) -> SessionCache:
     if not name or (parts.netloc and parts.path not in ("", "/")):
         raise InvalidArgument(f"{redact(url)!r}: write the segment name as shm://NAME")
     settings = {**_params(url, _SHM_PARAMS), **options}
-    _check_options(url, settings, {*_SHM_PARAMS, "codec", "clock"})
+    _check_options(url, settings, {*_SHM_PARAMS, "codec", "clock", "user_id_of"})
     return _shm_create_or_attach(name, settings)
 
 
 def _open_redis(url: str, options: dict[str, Any]) -> SessionCache:
     redis_url, ours = _split_redis_url(url, _REDIS_PARAMS)
     settings = {**ours, **options}
-    _check_options(url, settings, {*_REDIS_PARAMS, "codec", "secret", "clock"})
+    _check_options(url, settings, {*_REDIS_PARAMS, "codec", "secret", "clock", "user_id_of"})
     return RedisSessionCache(redis_url, **settings)
 
 
@@ -113,7 +115,9 @@ def _open_tiered(url: str, options: dict[str, Any]) -> SessionCache:
         **_REDIS_PARAMS, **_SHM_PARAMS, **_TIER_PARAMS
     })
     settings = {**ours, **options}
-    allowed = {*_REDIS_PARAMS, *_SHM_PARAMS, *_TIER_PARAMS, "codec", "secret", "clock"}
+    allowed = {
+        *_REDIS_PARAMS, *_SHM_PARAMS, *_TIER_PARAMS, "codec", "secret", "clock", "user_id_of"
+    }
     _check_options(url, settings, allowed)
     name = settings.pop("shm", None)
     if not name:
@@ -123,8 +127,9 @@ def _open_tiered(url: str, options: dict[str, Any]) -> SessionCache:
     shm_settings: dict[str, Any] = {
         k: settings.pop(k) for k in (*_SHM_PARAMS, "codec") if k in settings
     }
+    # user_id_of is the tiered cache's: it hands each tier the user explicitly.
     tier_settings: dict[str, Any] = {
-        k: settings.pop(k) for k in ("max_staleness", "subscribe") if k in settings
+        k: settings.pop(k) for k in ("max_staleness", "subscribe", "user_id_of") if k in settings
     }
     clock = settings.get("clock")
     if "codec" in shm_settings:
@@ -165,7 +170,9 @@ _SCHEMES_HELP = "use one of " + ", ".join(f"{s}://" for s in _OPENERS)
 def _shm_create_or_attach(name: str, settings: dict[str, Any]) -> SharedMemorySessionCache:
     capacity = settings.get("capacity")
     value_size = settings.get("value_size")
-    common = {k: settings[k] for k in ("codec", "clock", "lock_timeout") if k in settings}
+    common = {
+        k: settings[k] for k in ("codec", "clock", "lock_timeout", "user_id_of") if k in settings
+    }
     deadline = time.monotonic() + _CREATION_PATIENCE
     while True:
         try:

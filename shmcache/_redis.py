@@ -9,13 +9,19 @@ Keys under ``prefix`` (default ``"shmcache:"``)::
 
     {prefix}secret         the hashing secret every host shares (absent if ``secret=`` is given)
     {prefix}s:<32 hex>     one session: keyed BLAKE2b-128 of the token, with a PX expiry
-    {prefix}invalidations  pub/sub channel: b"i:<32 hex>" after an invalidate, b"c" after a
-                           clear (``TieredSessionCache`` drops its local copies on them)
+    {prefix}u:<32 hex>     one user's sessions: keyed BLAKE2b-128 of ``str(user_id)``; a
+                           sorted set of session key hashes scored by expiry (ms, Redis
+                           TIME), expiring with its longest-lived session
+    {prefix}invalidations  pub/sub channel: b"i:<32 hex>" after an invalidate, b"u:<32 hex>"
+                           (the user's hash) after an invalidate_by_user, b"c" after a clear
+                           (``TieredSessionCache`` drops its local copies on them)
 
-A value is ``version (1 byte, 1) | deadline (int64 LE, ms on the writer's clock, 0: none) |
-MAC (16 bytes) | codec bytes``. The MAC is a keyed BLAKE2b of the key and the rest, so a
-value moved to another token's key, truncated, or written by a program that does not hold
-the secret is a miss (``stats()["decode_errors"]``), never somebody else's session.
+A value is ``version (1 byte, 2) | deadline (int64 LE, ms on the writer's clock, 0: none) |
+owner (16 bytes: the user's hash, zeros: none) | MAC (16 bytes) | codec bytes``. The MAC is
+a keyed BLAKE2b of the key and the rest, so a value moved to another token's key or user,
+truncated, or written by a program that does not hold the secret is a miss
+(``stats()["decode_errors"]``), never somebody else's session. Version 1 (no owner) values
+are misses too. The per-user index is kept by the Lua scripts in ``_redis_lua.py``.
 """
 
 from __future__ import annotations
@@ -30,19 +36,22 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType, TracebackType
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
-from . import _args
+from . import _args, _redis_lua
 from ._errors import CacheClosed, CacheUnavailable, InvalidArgument, InvalidType
+from ._protocol import UserIdOf
 from .codecs import Codec, PickleCodec
 
 Clock = Callable[[], float]
+T = TypeVar("T")
 
-_VERSION = 1
-_HEAD = struct.Struct("<Bq")  # version, deadline ms
+_VERSION = _redis_lua.VERSION
+_HEAD = struct.Struct("<Bq16s")  # version, deadline ms, owner (see _redis_lua)
 _MAC_SIZE = 16
 _VALUE_START = _HEAD.size + _MAC_SIZE
+_DEADLINE = struct.Struct("<q")
 _MAX_MS = (1 << 63) - 1
 _SECRET_TRIES = 3  # a secret replaced twice during one call means someone keeps deleting it
 _SCAN_COUNT = 1000
@@ -68,6 +77,7 @@ class _Secret:
     raw: bytes  # as stored in Redis (shared mode) or as given
     key_mac: Any  # blake2b state keyed for token -> key, copied per use
     value_mac: Any  # blake2b state keyed for value authentication
+    user_mac: Any  # blake2b state keyed for user id -> owner
 
 
 def _derive(raw: bytes) -> _Secret:
@@ -76,6 +86,7 @@ def _derive(raw: bytes) -> _Secret:
         raw,
         hashlib.blake2b(key=root, digest_size=16, person=b"shmcache-key"),
         hashlib.blake2b(key=root, digest_size=_MAC_SIZE, person=b"shmcache-value"),
+        hashlib.blake2b(key=root, digest_size=16, person=b"shmcache-user"),
     )
 
 
@@ -114,6 +125,10 @@ class RedisSessionCache:
     ``clock`` is for tests: if given, each value also carries its deadline on that clock and
     is a miss from then on (Redis's own expiry still applies). All hosts would have to
     share it, so the default is Redis's expiry alone.
+
+    ``set(..., user_id=)`` (or ``user_id_of(session)``, if given, when ``user_id`` is not)
+    files the session under its user, so that ``invalidate_by_user`` on any host drops all
+    of that user's sessions at once. User ids reach Redis only as keyed hashes, like tokens.
     """
 
     def __init__(
@@ -126,8 +141,11 @@ class RedisSessionCache:
         fail_open: bool = False,
         timeout: float | None = None,
         clock: Clock | None = None,
+        user_id_of: UserIdOf | None = None,
     ) -> None:
         redis = import_redis()
+        if user_id_of is not None and not callable(user_id_of):
+            raise InvalidType(f"user_id_of must be callable, got {type(user_id_of).__name__}")
         if not isinstance(prefix, str) or not prefix:
             raise InvalidArgument(f"prefix must be a non-empty str, got {prefix!r}")
         if not isinstance(fail_open, bool):
@@ -160,7 +178,9 @@ class RedisSessionCache:
         self._codec: Codec = codec if codec is not None else PickleCodec()
         self._fail_open = fail_open
         self._clock = clock
+        self._user_id_of = user_id_of
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self._no_script: type[BaseException] = redis.exceptions.NoScriptError
         self._listeners: list[Listener] = []
         self._secret_lock = threading.Lock()
         self._closed = False
@@ -188,12 +208,17 @@ class RedisSessionCache:
         self._hits += 1
         return found[0]
 
-    def set(self, token: str, session: Any, ttl_seconds: float) -> None:
-        """Cache ``session`` for ``ttl_seconds`` (a Redis expiry, millisecond precision)."""
+    def set(
+        self, token: str, session: Any, ttl_seconds: float, *, user_id: str | int | None = None
+    ) -> None:
+        """Cache ``session`` for ``ttl_seconds`` (a Redis expiry, millisecond precision),
+        filed under ``user_id`` (or ``user_id_of(session)``) if there is one. Re-setting a
+        token files it under its new user only."""
         ttl = _args.check_set_args(token, ttl_seconds)
+        user = self.user_of(session, user_id)
         self._ensure_open()
         try:
-            self.store(token, session, ttl)
+            self.store(token, session, ttl, user)
         except CacheUnavailable:
             if not self._fail_open:
                 raise
@@ -206,22 +231,41 @@ class RedisSessionCache:
         if token:
             self.remove(token)
 
-    def clear(self) -> None:
-        """Delete every session under this prefix (SCAN + UNLINK, never FLUSHDB: other data
-        in the database stays), then announce it. O(keys in the database); raises
-        ``CacheUnavailable`` if Redis cannot be reached."""
+    def invalidate_by_user(self, user_id: str | int) -> int:
+        """Delete every session of ``user_id`` (compared by ``str()``) and announce it;
+        returns how many live sessions were deleted. Raises ``CacheUnavailable`` rather
+        than return without Redis having deleted them (whatever ``fail_open`` says).
+
+        After it returns, no session of that user that was set before it was called is
+        left, and none set while it ran escapes a later call: the ``set`` script writes a
+        session and its index entry as one command, and the revoke script reads the index,
+        deletes each member that still belongs to the user, and deletes the index, as one
+        command. A ``set`` runs wholly before it (its session is in the index and deleted)
+        or wholly after it (it starts a new index that the next revoke finds). Cost: one
+        command that holds Redis for its duration, O(sessions in the user's index): a
+        read of each session's 25-byte header and a delete (a few microseconds each).
+        """
+        user = _args.user_key(user_id)
         self._ensure_open()
-        pattern = _GLOB_SPECIALS.sub(r"\\\1", self._prefix) + "s:*"
+        return self.revoke(user)[0]
+
+    def clear(self) -> None:
+        """Delete every session (and user index) under this prefix (SCAN + UNLINK, never
+        FLUSHDB: other data in the database stays), then announce it. O(keys in the
+        database); raises ``CacheUnavailable`` if Redis cannot be reached."""
+        self._ensure_open()
+        escaped = _GLOB_SPECIALS.sub(r"\\\1", self._prefix)
         client = self._client
 
         def sweep() -> None:
-            cursor = 0
-            while True:
-                cursor, keys = client.scan(cursor, match=pattern, count=_SCAN_COUNT)
-                if keys:
-                    client.unlink(*keys)
-                if not cursor:
-                    return
+            for pattern in (escaped + "s:*", escaped + "u:*"):
+                cursor = 0
+                while True:
+                    cursor, keys = client.scan(cursor, match=pattern, count=_SCAN_COUNT)
+                    if keys:
+                        client.unlink(*keys)
+                    if not cursor:
+                        break
 
         self._call("clear", sweep)
         self._call("clear", lambda: client.publish(self._channel, b"c"))
@@ -238,20 +282,45 @@ class RedisSessionCache:
         secret = self._secret
         return None if secret is None else self._hash(secret, token)
 
-    def lookup(self, token: str) -> tuple[Any, float, str] | None:
-        """``(session, seconds it has left, key hash)``, or None; raises ``CacheUnavailable``."""
-        def queue(pipe: Any, full: str, secret: _Secret) -> None:
+    def owner_of(self, user: str) -> str:
+        """The 32-hex-digit keyed hash that stands for a user (``user_key`` form) in Redis
+        and in messages."""
+        self._ensure_open()
+        return self._owner(self._current_secret("get"), user).hex()
+
+    def cached_owner_of(self, user: str) -> str | None:
+        """``owner_of(user)`` if it needs no call to Redis (the secret is known), else None."""
+        secret = self._secret
+        return None if secret is None else self._owner(secret, user).hex()
+
+    def user_of(self, session: Any, user_id: object) -> str | None:
+        """The user a ``set`` files ``session`` under (``user_key`` form): ``user_id`` if
+        given, else ``user_id_of(session)``; ``InvalidType``/``InvalidArgument`` if bad."""
+        if user_id is None and self._user_id_of is not None:
+            user_id = self._user_id_of(session)
+        return None if user_id is None else _args.user_key(user_id)
+
+    def lookup(self, token: str) -> tuple[Any, float, str, str | None] | None:
+        """``(session, seconds it has left, key hash, owner hash or None)``, or None;
+        raises ``CacheUnavailable``."""
+        def queue(pipe: Any, secret: _Secret) -> str:
+            key = self._hash(secret, token)
+            full = self._prefix + "s:" + key
             pipe.get(full)
             pipe.pttl(full)
+            return key
 
-        (raw, pttl), key, secret = self._transact("get", token, queue)
+        (raw, pttl), key, secret = self._transact("get", queue)
         if not isinstance(raw, bytes):
             return None  # absent, or an error such as WRONGTYPE: a miss, not our business
         found = self._decode(secret, raw, self._prefix + "s:" + key, pttl)
-        return None if found is None else (found[0], found[1], key)
+        return None if found is None else (*found[:2], key, found[2])
 
-    def store(self, token: str, session: Any, ttl: float) -> str:
-        """Write ``session`` (``ttl`` already checked); returns the key hash used."""
+    def store(
+        self, token: str, session: Any, ttl: float, user: str | None = None
+    ) -> tuple[str, str | None]:
+        """Write ``session`` (``ttl`` and ``user``, in ``user_key`` form, already checked)
+        and file it under ``user``; returns the key hash and the owner hash used."""
         payload = self._codec.encode(session)
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise InvalidType(f"codec.encode returned {type(payload).__name__}, not bytes")
@@ -259,24 +328,61 @@ class RedisSessionCache:
         deadline = 0  # none: Redis's expiry alone
         if self._clock is not None:
             deadline = min(_MAX_MS, max(1, round((self._clock() + ttl) * 1000)))
+        users = self._prefix + "u:"
 
-        def queue(pipe: Any, full: str, secret: _Secret) -> None:
-            head = _HEAD.pack(_VERSION, deadline)
-            pipe.set(full, head + _mac(secret, full, head, payload) + bytes(payload), px=px)
+        def queue(pipe: Any, secret: _Secret) -> tuple[str, str | None]:
+            key = self._hash(secret, token)
+            full = self._prefix + "s:" + key
+            owner = _redis_lua.NO_OWNER if user is None else self._owner(secret, user)
+            head = _HEAD.pack(_VERSION, deadline, owner)
+            value = head + _mac(secret, full, head, payload) + bytes(payload)
+            keys = [full] if user is None else [full, users + owner.hex()]
+            index_px = px + _redis_lua.GRACE_MS
+            self._script(pipe, _redis_lua.SET, keys, value, px, owner, key, users, index_px)
+            return key, None if user is None else owner.hex()
 
-        results, key, _ = self._transact("set", token, queue)
+        results, (key, owner), _ = self._transact("set", queue)
         _raise_errors("set", results)
-        return key
+        return key, owner
 
     def remove(self, token: str) -> str:
-        """Delete ``token``'s entry and publish its key hash; returns the key hash."""
-        def queue(pipe: Any, full: str, secret: _Secret) -> None:
-            pipe.unlink(full)
-            pipe.publish(self._channel, b"i:" + full[-32:].encode())
+        """Delete ``token``'s entry (and its place in its user's index) and publish its key
+        hash; returns the key hash."""
+        def queue(pipe: Any, secret: _Secret) -> str:
+            key = self._hash(secret, token)
+            self._script(
+                pipe, _redis_lua.REMOVE, [self._prefix + "s:" + key], key, self._prefix + "u:"
+            )
+            pipe.publish(self._channel, b"i:" + key.encode())
+            return key
 
-        results, key, _ = self._transact("invalidate", token, queue)
+        results, key, _ = self._transact("invalidate", queue)
         _raise_errors("invalidate", results)
         return key
+
+    def revoke(self, user: str) -> tuple[int, str]:
+        """Delete every session filed under ``user`` (``user_key`` form) and publish the
+        owner hash; returns how many live sessions were deleted, and the owner hash."""
+        def queue(pipe: Any, secret: _Secret) -> str:
+            owner = self._owner(secret, user)
+            index = self._prefix + "u:" + owner.hex()
+            self._script(pipe, _redis_lua.REVOKE, [index], owner, self._prefix + "s:")
+            pipe.publish(self._channel, b"u:" + owner.hex().encode())
+            return owner.hex()
+
+        results, owner, _ = self._transact("invalidate_by_user", queue)
+        _raise_errors("invalidate_by_user", results)
+        deadlines = results[0]
+        if self._clock is None:
+            return len(deadlines), owner
+        # Redis expires on its own clock; with a clock of ours, sessions past their deadline
+        # on it were already misses, so they are not counted as dropped.
+        now_ms = round(self._clock() * 1000)
+        live = 0
+        for raw in deadlines:
+            (deadline,) = _DEADLINE.unpack(raw)
+            live += deadline == 0 or now_ms < deadline
+        return live, owner
 
     def add_secret_listener(self, listener: Listener) -> None:
         """Call ``listener()`` whenever this object learns that the shared secret changed
@@ -364,35 +470,53 @@ class RedisSessionCache:
         mac.update(_args.token_bytes(token))
         return str(mac.hexdigest())
 
+    def _owner(self, secret: _Secret, user: str) -> bytes:
+        mac = secret.user_mac.copy()
+        mac.update(_args.token_bytes(user))
+        return bytes(mac.digest())
+
+    def _script(self, pipe: Any, script: _redis_lua.Script, keys: list[str], *args: Any) -> None:
+        # EVALSHA, not redis-py's Script objects: in a pipeline they ask SCRIPT EXISTS
+        # first, a second round trip on every call. A NOSCRIPT reply is handled by _transact.
+        pipe.evalsha(script.sha, len(keys), *keys, *args)
+
     def _transact(
-        self, op: str, token: str, queue: Callable[[Any, str, _Secret], None]
-    ) -> tuple[list[Any], str, _Secret]:
-        """Run the commands ``queue`` adds for ``token``'s key in one MULTI/EXEC.
+        self, op: str, queue: Callable[[Any, _Secret], T]
+    ) -> tuple[list[Any], T, _Secret]:
+        """Run the commands ``queue`` adds (given the secret to hash with) in one MULTI/EXEC;
+        returns their results, what ``queue`` returned, and the secret.
 
         In shared-secret mode the transaction also reads the secret: if it is not the one
-        the key was hashed with, the secret is re-read and the commands run again under the
-        new one, so no call ever acts on a key space other hosts no longer use.
+        the keys were hashed with, the secret is re-read and the commands run again under
+        the new one, so no call ever acts on a key space other hosts no longer use.
         """
         self._ensure_open()
         for _ in range(_SECRET_TRIES):
             secret = self._current_secret(op)
-            key = self._hash(secret, token)
-            full = self._prefix + "s:" + key
             shared = self._fixed is None
+            box: list[T] = []
 
-            def run(secret: _Secret = secret, full: str = full, shared: bool = shared) -> Any:
-                pipe = self._client.pipeline(transaction=True)
-                if shared:
-                    pipe.get(self._secret_key)
-                queue(pipe, full, secret)
-                return pipe.execute(raise_on_error=False)
+            def run(secret: _Secret = secret, shared: bool = shared, box: list[T] = box) -> Any:
+                for attempt in range(2):
+                    pipe = self._client.pipeline(transaction=True)
+                    if shared:
+                        pipe.get(self._secret_key)
+                    box[:] = [queue(pipe, secret)]
+                    results = pipe.execute(raise_on_error=False)
+                    if attempt or not any(isinstance(r, self._no_script) for r in results):
+                        return results
+                    # A restarted Redis (or SCRIPT FLUSH) forgot our scripts, and the
+                    # script did nothing: load them and run the transaction again.
+                    for script in _redis_lua.ALL:
+                        self._client.script_load(script.text)
+                return results
 
             results = list(self._call(op, run))
             if not shared:
-                return results, key, secret
+                return results, box[0], secret
             if results[0] == secret.raw:
-                return results[1:], key, secret
-            # MULTI is not conditional: the commands also ran under the old key, where a
+                return results[1:], box[0], secret
+            # MULTI is not conditional: the commands also ran under the old keys, where a
             # set leaves an entry nobody reads (it expires) and a delete changed nothing
             # anyone reads. What counts is the run under the secret everybody uses now.
             self._forget_secret(secret)
@@ -441,11 +565,12 @@ class RedisSessionCache:
 
     def _decode(
         self, secret: _Secret, raw: bytes, full: str, pttl: Any
-    ) -> tuple[Any, float] | None:
+    ) -> tuple[Any, float, str | None] | None:
+        """``(session, seconds left, owner hash or None)``, or None for a miss."""
         if len(raw) < _VALUE_START:
             self._decode_errors += 1
             return None
-        version, deadline = _HEAD.unpack_from(raw)
+        version, deadline, owner = _HEAD.unpack_from(raw)
         mac = raw[_HEAD.size : _VALUE_START]
         payload = raw[_VALUE_START:]
         if version != _VERSION or not hmac.compare_digest(
@@ -466,7 +591,7 @@ class RedisSessionCache:
         except Exception:  # a codec that cannot read it: a miss, as in the shared table
             self._decode_errors += 1
             return None
-        return session, left
+        return session, left, None if owner == _redis_lua.NO_OWNER else owner.hex()
 
 
 def _mac(secret: _Secret, full: str, head: bytes, payload: Any) -> bytes:

@@ -17,6 +17,12 @@ So a session logged out on one host is accepted by another for at most S seconds
 bound), and usually for the time a pub/sub message takes (milliseconds). A subscriber that
 loses its connection drops the host's whole local table when it is back, since it may have
 missed messages.
+
+``invalidate_by_user`` has the same bound S, by the same two routes: Redis drops the user's
+sessions and publishes the user's hash (``b"u:<hash>"``) in one transaction, and each
+host's subscriber drops that user's local copies (``invalidate_by_user`` on the local tier,
+whose entries are filed under the same hash); a copy that missed the message still dies S
+seconds after the Redis read that made it, and that read began before the revocation.
 """
 
 from __future__ import annotations
@@ -32,8 +38,8 @@ from types import TracebackType
 from typing import Any
 
 from . import _args
-from ._errors import CacheUnavailable, InvalidArgument
-from ._protocol import SessionCache
+from ._errors import CacheUnavailable, InvalidArgument, InvalidType
+from ._protocol import SessionCache, UserIdOf, UserSessionCache
 from ._redis import RedisSessionCache
 
 log = logging.getLogger("shmcache.tiered")
@@ -42,6 +48,7 @@ Clock = Callable[[], float]
 _MEMO_MAX = 65536  # token -> key hash memo entries before it is emptied and refilled
 _POLL_SLICE = 0.2  # seconds a subscriber waits for a message before looking at its stop flag
 _BACKOFF_MAX = 2.0
+_HEX = frozenset("0123456789abcdef")
 
 _instances: weakref.WeakSet[TieredSessionCache] = weakref.WeakSet()
 
@@ -72,6 +79,12 @@ class TieredSessionCache:
     Local entries are stored under the token's key hash, never the token, so the hashes
     published by other hosts find them. A local tier without a value area still works, but
     each worker then fetches from Redis what another worker set.
+
+    Users: ``set(..., user_id=)`` (or ``user_id_of(session)``) files the session under its
+    user in Redis, and its local copy under the user's keyed hash (never the raw id); a copy
+    read from Redis keeps the owner it was stored with. ``invalidate_by_user`` deletes the
+    user's sessions in Redis and drops their copies on every host, within the bound S above.
+    A local tier without ``invalidate_by_user`` is emptied instead.
     """
 
     def __init__(
@@ -82,6 +95,7 @@ class TieredSessionCache:
         max_staleness: float = 1.0,
         subscribe: bool = True,
         clock: Clock | None = None,
+        user_id_of: UserIdOf | None = None,
     ) -> None:
         if not isinstance(local, SessionCache):
             raise InvalidArgument(f"local must be a SessionCache, got {type(local).__name__}")
@@ -91,7 +105,11 @@ class TieredSessionCache:
             )
         if not isinstance(subscribe, bool):
             raise InvalidArgument(f"subscribe must be True or False, got {subscribe!r}")
+        if user_id_of is not None and not callable(user_id_of):
+            raise InvalidType(f"user_id_of must be callable, got {type(user_id_of).__name__}")
         self._local = local
+        self._local_users = local if isinstance(local, UserSessionCache) else None
+        self._user_id_of = user_id_of
         self._remote = remote
         self._staleness = _args.positive_number("max_staleness", max_staleness)
         self._clock: Clock = clock if clock is not None else time.monotonic
@@ -147,27 +165,33 @@ class TieredSessionCache:
         if found is None:
             self._misses += 1
             return None
-        session, left, key = found
+        session, left, key, owner = found
         # Counted from before the read: a copy read before a logout dies S after it.
         ttl = min(left, self._staleness - (self._clock() - started))
         if ttl > 0:
-            self._local.set(key, session, ttl)
+            self._set_local(key, session, ttl, owner)
         self._remote_hits += 1
         return session
 
-    def set(self, token: str, session: Any, ttl_seconds: float) -> None:
-        """Write ``session`` to Redis, then to the host's table for at most S seconds."""
+    def set(
+        self, token: str, session: Any, ttl_seconds: float, *, user_id: str | int | None = None
+    ) -> None:
+        """Write ``session`` to Redis, filed under ``user_id`` (or ``user_id_of(session)``),
+        then to the host's table for at most S seconds."""
         ttl = _args.check_set_args(token, ttl_seconds)
+        if user_id is None and self._user_id_of is not None:
+            user_id = self._user_id_of(session)
+        user = self._remote.user_of(session, user_id)  # else the remote's user_id_of
         if self._start_pending:
             self._start_subscriber()
         try:
-            key = self._remote.store(token, session, ttl)
+            key, owner = self._remote.store(token, session, ttl, user)
         except CacheUnavailable:
             if not self._remote.fail_open:
                 raise
             return  # counted; stored nowhere, as RedisSessionCache does: the next get revalidates
         self._remember(token, key)
-        self._local.set(key, session, min(ttl, self._staleness))
+        self._set_local(key, session, min(ttl, self._staleness), owner)
 
     def invalidate(self, token: str) -> None:
         """Delete ``token`` in Redis, announce it to every host, and drop the local copy.
@@ -184,6 +208,24 @@ class TieredSessionCache:
             key = key or self._memo.get(token) or self._remote.cached_key_of(token)
             if key is not None:
                 self._local.invalidate(key)
+
+    def invalidate_by_user(self, user_id: str | int) -> int:
+        """Delete every session of ``user_id`` in Redis, announce it to every host, and drop
+        this host's copies; returns how many live sessions Redis held (local copies are
+        copies of those, not counted again). Other hosts drop theirs when the message lands,
+        and in any case within S seconds. Raises ``CacheUnavailable`` (after dropping the
+        local copies it can name) rather than return without Redis having deleted them."""
+        user = _args.user_key(user_id)
+        if self._start_pending:
+            self._start_subscriber()
+        owner = None
+        try:
+            dropped, owner = self._remote.revoke(user)
+        finally:
+            owner = owner or self._remote.cached_owner_of(user)
+            if owner is not None:
+                self._drop_local_user(owner)
+        return dropped
 
     def clear(self) -> None:
         """Delete every session in Redis (announced to every host) and on this host."""
@@ -229,10 +271,15 @@ class TieredSessionCache:
         return handled
 
     def apply(self, data: bytes) -> None:
-        """Apply one invalidation message (``b"i:<hash>"`` or ``b"c"``) to the host's table."""
+        """Apply one invalidation message (``b"i:<hash>"``, ``b"u:<user hash>"`` or
+        ``b"c"``) to the host's table."""
         self._messages += 1
         if data.startswith(b"i:"):
             self._local.invalidate(data[2:].decode("ascii", "replace"))
+        elif data.startswith(b"u:"):
+            owner = data[2:].decode("ascii", "replace")
+            if len(owner) == 32 and _HEX.issuperset(owner):
+                self._drop_local_user(owner)
         elif data == b"c":
             self._local.clear()
         # anything else is from a newer version or another program: not ours to act on
@@ -318,6 +365,18 @@ class TieredSessionCache:
         if len(memo) >= _MEMO_MAX:
             memo.clear()
         memo[token] = key
+
+    def _set_local(self, key: str, session: Any, ttl: float, owner: str | None) -> None:
+        if owner is not None and self._local_users is not None:
+            self._local_users.set(key, session, ttl, user_id=owner)
+        else:  # a tier without users: _drop_local_user empties it instead
+            self._local.set(key, session, ttl)
+
+    def _drop_local_user(self, owner: str) -> None:
+        if self._local_users is not None:
+            self._local_users.invalidate_by_user(owner)
+        else:
+            self._local.clear()
 
     def _secret_changed(self) -> None:
         # Every key hash handed out so far names a key space nobody uses any more.

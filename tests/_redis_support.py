@@ -180,6 +180,11 @@ def stop_shared_server() -> None:
         _shared = None
 
 
+def session_user(session: Any) -> Any:
+    """``user_id_of`` for the hosts' sessions (importable under spawn, unlike a lambda)."""
+    return session.get("user") if isinstance(session, dict) else None
+
+
 def serve_host(url: str, options: dict[str, Any], conn: Any) -> None:
     """A "host": open ``url`` with ``open_cache`` in this process and run the commands sent
     over ``conn`` until ``("stop",)``. Each reply is sent after the call returned."""

@@ -229,3 +229,53 @@ def test_python_dash_m_and_console_script_agree() -> None:
     result = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     assert result.stdout == shmcache("--help").stdout
+
+
+# -- revoke-user (issue 6) -------------------------------------------------------------------
+
+
+def _user_holder(conn: Connection, name: str, tokens: list[str]) -> None:
+    """A worker that set sessions of its own (hash mode: only it can read them back)."""
+    cache = SharedMemorySessionCache.attach(name)
+    for i, token in enumerate(tokens):
+        cache.set(token, {"n": i}, 600, user_id=7 if i < 2 else "alice")
+    conn.send([cache.get(t) is not None for t in tokens])
+    conn.recv()  # wait for the revocation
+    conn.send([cache.get(t) is not None for t in tokens])
+
+
+@pytest.mark.parametrize("value_size", [0, 128], ids=["hash", "value"])
+def test_revoke_user_is_seen_by_a_running_process(segment_name: str, value_size: int) -> None:
+    tokens = [TOKEN + "-phone", TOKEN + "-laptop", TOKEN + "-alice"]
+    with SharedMemorySessionCache.create(
+        segment_name, capacity=256, value_size=value_size
+    ) as owner:
+        owner.set(TOKEN, "owner's", 600, user_id="7")  # "7" here, 7 in the worker: one user
+        ctx = mp.get_context("fork")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_user_holder, args=(child, segment_name, tokens))
+        proc.start()
+        try:
+            assert parent.poll(30) and parent.recv() == [True, True, True]
+            result = shmcache("revoke-user", segment_name, "7")
+            assert result.returncode == 0, result.stderr
+            assert "dropped 3 live sessions" in result.stdout
+            for token in (TOKEN, *tokens):
+                assert token not in result.stdout + result.stderr
+            parent.send("go")
+            assert parent.poll(30) and parent.recv() == [False, False, True]
+        finally:
+            proc.join(30)
+        assert proc.exitcode == 0
+        assert owner.get(TOKEN) is None
+        again = shmcache("revoke-user", segment_name, "7")
+        assert again.returncode == 0 and "dropped 0 live sessions" in again.stdout
+        assert owner.check() == []
+
+
+def test_revoke_user_errors(live: SharedMemorySessionCache) -> None:
+    assert_one_line_error(shmcache("revoke-user", "no-such-segment-for-shmcache", "7"))
+    assert_one_line_error(shmcache("revoke-user", live.name, ""))
+    missing = shmcache("revoke-user", live.name)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert live.get(TOKEN) is not None  # nothing dropped

@@ -1,8 +1,8 @@
 """The SessionCache contract, run against every backend, then SharedMemorySessionCache specifics.
 
-To add a backend (Redis...), add a factory to ``BACKENDS``: it takes the test's clock and a
-name factory and returns a cache object; the ``cache`` fixture closes it afterwards if it has
-a ``close`` method.
+To add a backend (Redis...), add a factory to ``BACKENDS``: it takes the test's clock, a
+name factory and keyword options for the cache (``user_id_of``) and returns a cache object;
+the ``cache`` fixture closes it afterwards if it has a ``close`` method.
 """
 
 from __future__ import annotations
@@ -33,10 +33,11 @@ from shmcache import (
     ShmCacheError,
     TieredSessionCache,
 )
+from shmcache._protocol import UserSessionCache
 
 START = 1000.0  # FakeClock's start (conftest)
 
-Factory = Callable[[Any, Callable[[], str]], Any]
+Factory = Callable[..., Any]  # (clock, make_name, **options) -> cache
 
 
 def _redis(clock: Any, make_name: Callable[[], str], **options: Any) -> RedisSessionCache:
@@ -47,13 +48,13 @@ def _redis(clock: Any, make_name: Callable[[], str], **options: Any) -> RedisSes
 
 
 BACKENDS: dict[str, Factory] = {
-    "inmemory": lambda clock, make_name: InMemorySessionCache(clock=clock),
+    "inmemory": lambda clock, make_name, **options: InMemorySessionCache(clock=clock, **options),
     "redis": _redis,
-    "redis-secret": lambda clock, make_name: _redis(
-        clock, make_name, secret=b"contract-suite-secret-0123456789"
+    "redis-secret": lambda clock, make_name, **options: _redis(
+        clock, make_name, secret=b"contract-suite-secret-0123456789", **options
     ),
     # S is large here so that expiry is the TTL's; tests/test_tiered.py tests S itself.
-    "shm+redis": lambda clock, make_name: TieredSessionCache(
+    "shm+redis": lambda clock, make_name, **options: TieredSessionCache(
         remote=_redis(clock, make_name),  # first: it skips without a redis-server
         local=SharedMemorySessionCache.create(
             make_name(), capacity=256, value_size=256, clock=clock
@@ -61,25 +62,43 @@ BACKENDS: dict[str, Factory] = {
         max_staleness=3600,
         subscribe=False,
         clock=clock,
+        **options,
     ),
-    "shm-hash": lambda clock, make_name: SharedMemorySessionCache.create(
-        make_name(), capacity=256, clock=clock
+    "shm-hash": lambda clock, make_name, **options: SharedMemorySessionCache.create(
+        make_name(), capacity=256, clock=clock, **options
     ),
-    "shm-value": lambda clock, make_name: SharedMemorySessionCache.create(
-        make_name(), capacity=256, value_size=256, clock=clock
+    "shm-value": lambda clock, make_name, **options: SharedMemorySessionCache.create(
+        make_name(), capacity=256, value_size=256, clock=clock, **options
     ),
 }
 
 
 @pytest.fixture(params=sorted(BACKENDS))
-def cache(
-    request: pytest.FixtureRequest, clock: Any, make_name: Callable[[], str]
-) -> Iterator[Any]:
-    c = BACKENDS[request.param](clock, make_name)
-    yield c
-    close = getattr(c, "close", None)
-    if close is not None:
-        close()
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def make_cache(
+    backend: str, clock: Any, make_name: Callable[[], str]
+) -> Iterator[Callable[..., Any]]:
+    """Builds the backend's cache with keyword options (``user_id_of``); all closed after."""
+    made: list[Any] = []
+
+    def make(**options: Any) -> Any:
+        made.append(BACKENDS[backend](clock, make_name, **options))
+        return made[-1]
+
+    yield make
+    for c in made:
+        close = getattr(c, "close", None)
+        if close is not None:
+            close()
+
+
+@pytest.fixture
+def cache(make_cache: Callable[..., Any]) -> Any:
+    return make_cache()
 
 
 # -- the contract, every backend --------------------------------------------------------------
@@ -162,6 +181,165 @@ def test_expiry_is_per_set(cache: Any, clock: Any) -> None:
     assert cache.get("tok") == "second"
     clock.now = 1001.5
     assert cache.get("tok") is None
+
+
+# -- users: invalidate_by_user, every backend (issue 6) --------------------------------------
+
+
+def test_backends_satisfy_user_protocol(cache: Any) -> None:
+    assert isinstance(cache, UserSessionCache)
+    assert isinstance(NoOpSessionCache(), UserSessionCache)
+
+
+def test_invalidate_by_user_drops_all_and_counts(cache: Any) -> None:
+    for i in range(3):
+        cache.set(f"alice-{i}", {"user": "alice", "device": i}, 60, user_id="alice")
+    cache.set("bob-0", {"user": "bob"}, 60, user_id="bob")
+    cache.set("anon", {"user": None}, 60)
+    assert cache.invalidate_by_user("alice") == 3
+    assert all(cache.get(f"alice-{i}") is None for i in range(3))
+    assert cache.get("bob-0") == {"user": "bob"}  # other users untouched
+    assert cache.get("anon") == {"user": None}  # and sessions without a user
+    assert cache.invalidate_by_user("alice") == 0  # nothing left to drop
+    assert cache.invalidate_by_user("nobody") == 0
+    assert cache.invalidate_by_user("bob") == 1
+    assert cache.get("bob-0") is None
+    assert cache.get("anon") == {"user": None}
+
+
+def test_user_ids_compare_by_str(cache: Any) -> None:
+    cache.set("int", "i", 60, user_id=7)
+    cache.set("str", "s", 60, user_id="7")
+    cache.set("zero-padded", "z", 60, user_id="07")  # another user: "07" != "7"
+    cache.set("big", "b", 60, user_id=10**30)
+    assert cache.invalidate_by_user("7") == 2
+    assert cache.get("int") is None and cache.get("str") is None
+    assert cache.get("zero-padded") == "z"
+    cache.set("str", "s2", 60, user_id="7")
+    assert cache.invalidate_by_user(7) == 1
+    assert cache.get("str") is None
+    assert cache.invalidate_by_user(str(10**30)) == 1
+    assert cache.get("zero-padded") == "z"
+
+
+@pytest.mark.parametrize(
+    ("user_id", "error"),
+    [
+        (True, InvalidType),
+        (False, InvalidType),
+        (7.0, InvalidType),
+        (7.5, InvalidType),
+        (b"7", InvalidType),
+        (["7"], InvalidType),
+        ("", InvalidArgument),
+    ],
+    ids=["True", "False", "7.0", "7.5", "bytes", "list", "empty"],
+)
+def test_bad_user_id_is_refused_and_changes_nothing(
+    cache: Any, user_id: Any, error: type[Exception]
+) -> None:
+    cache.set("tok", "kept", 60, user_id="u")
+    builtin = TypeError if error is InvalidType else ValueError
+    with pytest.raises(error) as info:
+        cache.set("tok", "replaced", 60, user_id=user_id)
+    assert isinstance(info.value, builtin) and isinstance(info.value, ShmCacheError)
+    with pytest.raises(error):
+        cache.invalidate_by_user(user_id)
+    with pytest.raises(error):
+        NoOpSessionCache().invalidate_by_user(user_id)
+    assert cache.get("tok") == "kept"  # the refused set wrote nothing
+    assert cache.invalidate_by_user("u") == 1  # and left its user alone
+
+
+def test_none_user_id(cache: Any) -> None:
+    """``user_id=None`` is "no user" for ``set``; ``invalidate_by_user(None)`` is an error."""
+    cache.set("tok", "s", 60, user_id=None)
+    with pytest.raises(InvalidType):
+        cache.invalidate_by_user(None)
+    assert cache.invalidate_by_user("None") == 0
+    assert cache.get("tok") == "s"
+
+
+def test_user_id_of_derives_the_user(make_cache: Callable[..., Any]) -> None:
+    cache = make_cache(user_id_of=lambda session: session["uid"])
+    cache.set("derived", {"uid": 5}, 60)
+    cache.set("derived-str", {"uid": "5"}, 60)
+    cache.set("no-user", {"uid": None}, 60)  # user_id_of may say "nobody"
+    cache.set("explicit", {"uid": 5}, 60, user_id=6)  # an explicit user_id wins
+    assert cache.invalidate_by_user(5) == 2
+    assert cache.get("derived") is None and cache.get("derived-str") is None
+    assert cache.get("no-user") == {"uid": None}
+    assert cache.get("explicit") == {"uid": 5}
+    assert cache.invalidate_by_user(6) == 1
+    with pytest.raises(InvalidType):
+        cache.set("bad", {"uid": 1.5}, 60)  # what user_id_of returns is checked too
+    assert cache.get("bad") is None
+
+
+def test_set_without_user_is_not_revoked(cache: Any) -> None:
+    cache.set("tok", "anonymous", 60)
+    assert cache.invalidate_by_user("u") == 0
+    assert cache.get("tok") == "anonymous"
+    cache.set("tok", "u's", 60, user_id="u")
+    cache.set("tok", "anonymous again", 60)  # re-set without a user: no longer u's
+    assert cache.invalidate_by_user("u") == 0
+    assert cache.get("tok") == "anonymous again"
+
+
+def test_reset_to_another_user_moves_the_token(cache: Any) -> None:
+    cache.set("tok", "a's", 60, user_id="a")
+    cache.set("tok", "b's", 60, user_id="b")
+    assert cache.invalidate_by_user("a") == 0
+    assert cache.get("tok") == "b's"
+    assert cache.invalidate_by_user("b") == 1
+    assert cache.get("tok") is None
+    cache.set("tok", "a's again", 60, user_id="a")  # and back
+    assert cache.invalidate_by_user("b") == 0
+    assert cache.invalidate_by_user("a") == 1
+
+
+def test_invalidate_by_user_counts_live_sessions_only(cache: Any, clock: Any) -> None:
+    cache.set("short", "s", 1, user_id="u")
+    cache.set("long", "l", 10, user_id="u")
+    cache.set("gone", "g", 10, user_id="u")
+    cache.invalidate("gone")  # a logout of one device first
+    clock.now = START + 1
+    assert cache.invalidate_by_user("u") == 1
+    assert cache.get("long") is None
+
+
+def test_user_can_log_in_again_after_revocation(cache: Any) -> None:
+    cache.set("old", "o", 60, user_id=42)
+    assert cache.invalidate_by_user(42) == 1
+    cache.set("new", "n", 60, user_id=42)
+    assert cache.get("new") == "n"
+    assert cache.get("old") is None
+    cache.clear()
+    assert cache.invalidate_by_user(42) == 0  # clear took the user's sessions too
+    cache.set("newer", "n", 60, user_id=42)
+    assert cache.invalidate_by_user(42) == 1
+
+
+def test_many_sessions_of_one_user(cache: Any) -> None:
+    for i in range(100):
+        cache.set(f"t{i}", i, 60, user_id="busy" if i % 2 else "calm")
+    assert cache.invalidate_by_user("busy") == 50
+    assert [cache.get(f"t{i}") for i in range(100)] == [
+        None if i % 2 else i for i in range(100)
+    ]
+
+
+def test_noop_cache_users() -> None:
+    """Caching off: nothing is stored, so nothing is dropped; arguments are still checked
+    by ``invalidate_by_user`` (the admin path), while ``set`` stays free."""
+    noop = NoOpSessionCache()
+    noop.set("tok", "s", 60, user_id=7)
+    assert noop.get("tok") is None
+    assert noop.invalidate_by_user(7) == 0
+    assert noop.invalidate_by_user("7") == 0
+    for bad in (True, 1.5, None, ""):
+        with pytest.raises((TypeError, ValueError)):
+            noop.invalidate_by_user(bad)
 
 
 # -- SharedMemorySessionCache specifics -------------------------------------------------------

@@ -194,3 +194,29 @@ def test_errors_never_show_the_password() -> None:
 def test_url_must_be_a_str() -> None:
     with pytest.raises(InvalidType):
         open_cache(b"memory://")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("scheme", ["memory", "noop", "shm", "redis", "shm+redis"])
+def test_user_id_of_reaches_every_backend(
+    opened: Callable[..., Any], scheme: str, make_name: Callable[[], str]
+) -> None:
+    """An app passes ``user_id_of`` whatever URL it is given (issue 6)."""
+    name, prefix = make_name(), make_name() + ":"
+    if scheme in ("memory", "noop"):
+        url = scheme + "://"
+    elif scheme == "shm":
+        url = f"shm://{name}?capacity=64&value_size=128"
+    else:
+        url = f"{_redis_support.shared_server().url}?prefix={prefix}"  # skips without one
+        if scheme == "shm+redis":
+            url = f"shm+{url}&shm={name}&value_size=128&subscribe=false"
+    cache = opened(url, user_id_of=lambda session: session["uid"])
+    cache.set("a", {"uid": 7}, 60)
+    cache.set("b", {"uid": "7"}, 60)
+    cache.set("c", {"uid": 8}, 60)
+    expected = 0 if scheme == "noop" else 2
+    assert cache.invalidate_by_user(7) == expected
+    assert cache.get("a") is None
+    assert cache.get("c") == (None if scheme == "noop" else {"uid": 8})
+    if scheme == "shm":
+        cache.unlink()
