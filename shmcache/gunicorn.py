@@ -27,6 +27,8 @@ Why each hook:
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import os
 import re
@@ -151,6 +153,9 @@ def on_starting(server: Any) -> None:
     os.environ[ENV_NAME] = name
     with _guard:
         _cache = cache
+    # gunicorn skips on_exit when it halts because workers failed to boot (the HaltServer
+    # escapes its own halt()); the interpreter's exit still runs this.
+    atexit.register(_cleanup_at_exit, os.getpid())
     server.log.info("shmcache: segment %r ready (capacity %d)", name, cache.capacity)
 
 
@@ -180,6 +185,19 @@ def on_exit(server: Any) -> None:
             server.log.info("shmcache: segment %r kept for the master that adopted it", cache.name)
     finally:
         cache.close()
+
+
+def _cleanup_at_exit(master_pid: int) -> None:
+    global _cache
+    if os.getpid() != master_pid:
+        return  # a forked worker inherits the master's atexit handlers
+    with _guard:
+        cache, _cache = _cache, None
+    if cache is None or cache.closed:
+        return  # on_exit already did it
+    with contextlib.suppress(ShmCacheError, OSError):
+        cache.unlink_if_keeper()
+    cache.close()
 
 
 def get_cache() -> SharedMemorySessionCache:

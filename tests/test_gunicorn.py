@@ -237,3 +237,15 @@ def test_uvicorn_own_workers_attach_by_name(segment_name: str) -> None:
     finally:
         proc.terminate()
         proc.wait(WAIT)
+
+
+def test_a_server_whose_workers_fail_to_boot_leaves_nothing_behind() -> None:
+    """gunicorn halts without calling on_exit when workers cannot boot; the master's exit
+    must still remove the names it created."""
+    before = {n for n in os.listdir("/dev/shm") if "shmcache-demo-" in n}
+    with pytest.raises(RuntimeError, match="gunicorn exited"), serve(
+        "shm", app="shmcache_no_such_module:app"
+    ):
+        pass
+    after = {n for n in os.listdir("/dev/shm") if "shmcache-demo-" in n}
+    assert after <= before
