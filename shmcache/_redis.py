@@ -35,11 +35,12 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import ModuleType, TracebackType
+from types import ModuleType
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 from . import _args, _redis_lua
+from ._closing import ClosesOnExit
 from ._errors import CacheClosed, CacheUnavailable, InvalidArgument, InvalidType
 from ._protocol import UserIdOf
 from .codecs import Codec, PickleCodec
@@ -90,7 +91,7 @@ def _derive(raw: bytes) -> _Secret:
     )
 
 
-class RedisSessionCache:
+class RedisSessionCache(ClosesOnExit):
     """A ``SessionCache`` on a Redis server: a logout on one host is a miss on every host.
 
     ``client`` is a redis-py client (``decode_responses=False``; give it a ``socket_timeout``,
@@ -433,17 +434,6 @@ class RedisSessionCache:
         self._closed = True
         if self._owns_client:
             self._client.close()
-
-    def __enter__(self) -> RedisSessionCache:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"prefix={self._prefix!r}"

@@ -20,12 +20,12 @@ import secrets
 import time
 import weakref
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any
 
 from . import _proc, _segment
 from ._args import MAX_TTL, positive_number, token_bytes, user_key
 from ._args import ttl as ttl_arg
+from ._closing import ClosesOnExit
 from ._counters import ProcessCounters
 from ._errors import (
     CacheClosed,
@@ -74,7 +74,7 @@ def _reset_counters_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_counters_after_fork)
 
 
-class SharedMemorySessionCache:
+class SharedMemorySessionCache(ClosesOnExit):
     """A ``SessionCache`` whose entries every process on the host shares.
 
     Make one with :meth:`create` (once, in the process that owns the segment, e.g. the
@@ -587,17 +587,6 @@ class SharedMemorySessionCache:
         privileges and must attach by name; forked workers keep their inherited mapping)."""
         self._ensure_open()
         self._segment.chown(uid, gid)
-
-    def __enter__(self) -> SharedMemorySessionCache:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_attach_pickled, (self._segment.name, self._pickle_options))

@@ -34,10 +34,10 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any
 
 from . import _args
+from ._closing import ClosesOnExit
 from ._errors import CacheUnavailable, InvalidArgument, InvalidType
 from ._protocol import SessionCache, UserIdOf, UserSessionCache
 from ._redis import RedisSessionCache
@@ -62,7 +62,7 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class TieredSessionCache:
+class TieredSessionCache(ClosesOnExit):
     """A host-local ``SessionCache`` (usually ``SharedMemorySessionCache`` with a value
     area) in front of a ``RedisSessionCache`` that every host shares.
 
@@ -338,17 +338,6 @@ class TieredSessionCache:
             close = getattr(self._local, "close", None)
             if callable(close):
                 close()
-
-    def __enter__(self) -> TieredSessionCache:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<TieredSessionCache {self._local!r} in front of {self._remote!r}>"
