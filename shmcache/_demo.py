@@ -135,13 +135,30 @@ def _wait_ready(server: Server, timeout: float = 60.0) -> None:
     raise RuntimeError(f"gunicorn did not answer on port {server.port} within {timeout} s")
 
 
-def logout_scenario(server: Server, after: int = 40) -> dict[str, int]:
-    """Log in, reach every worker, log out once, then count requests still accepted."""
+def logout_scenario(
+    server: Server, after: int = 40, workers: int = WORKERS, limit: int = 2000
+) -> dict[str, int]:
+    """Log in, reach every worker, log out once, then count requests still accepted.
+
+    After the logout it sends at least ``after`` requests, and more until every worker has
+    answered one: the kernel may hand a run of connections to the same worker, and the
+    question is what *every* worker says.
+    """
     token = server.request("POST", "/login")[1]["token"]
     warmup = server.until_every_worker(token)
     server.request("POST", "/logout", token)
-    accepted = sum(server.request("GET", "/me", token)[0] == 200 for _ in range(after))
-    return {"warmup_requests": warmup, "requests_after_logout": after, "accepted": accepted}
+    statuses: list[int] = []
+    answered: set[int] = set()
+    while len(statuses) < after or (len(answered) < workers and len(statuses) < limit):
+        status, body = server.request("GET", "/me", token)
+        statuses.append(status)
+        answered.add(body["worker"])
+    return {
+        "warmup_requests": warmup,
+        "requests_after_logout": len(statuses),
+        "workers_after_logout": len(answered),
+        "accepted": statuses.count(200),
+    }
 
 
 def reset_scenario(server: Server, users: int = 5) -> dict[str, int]:

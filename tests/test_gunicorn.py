@@ -41,6 +41,7 @@ def test_logout_in_one_worker_is_seen_by_all(preload: bool) -> None:
         result = logout_scenario(server)
         assert len(server.seen) == 4
         name = server.name
+    assert result["workers_after_logout"] == 4  # every worker was asked after the logout
     assert result["accepted"] == 0
     assert _gone(name), "shutdown must leave nothing in /dev/shm"
 
@@ -50,6 +51,7 @@ def test_the_seed_cache_keeps_accepting_after_logout() -> None:
     could fail): the workers that did not handle the logout still accept the token."""
     with serve("memory") as server:
         result = logout_scenario(server)
+    assert result["workers_after_logout"] == 4
     assert result["accepted"] > 0
 
 
