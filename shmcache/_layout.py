@@ -62,11 +62,11 @@ LAYOUT_VERSION = 2  # 2: the USERS array (invalidate_by_user)
 HEADER_SIZE = 4096
 
 # Sizing: at most 1/2 of the home slots are live at capacity, and a key may sit at most
-# W - 1 slots past its home. Measured with `python -m bench.sizing` and /tmp-free sims:
-# under sustained churn at capacity (remove a random live session, insert a new one) the
-# farthest any session sat from its home was 55 slots in 7.2 million inserts, against a
+# W - 1 slots past its home. Measured (`python -m bench.sizing`, the table's own code):
+# under sustained churn at capacity (remove a random live session, insert a new one), 7.2
+# million inserts evicted nothing and no session sat more than 42-55 slots from home, in a
 # window of 96; at a 2/3 load the same churn reached 95 and evicted (16 in 3.9 million),
-# so 2/3, and its 48 bytes per session, was given up. See README "Capacity and evictions".
+# so 2/3, and its third less memory, was given up. See README "Capacity and evictions".
 MAX_LOAD_NUM, MAX_LOAD_DEN = 1, 2
 MAX_WINDOW = 96
 MAX_CAPACITY = 1 << 31
