@@ -17,11 +17,11 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import _workers
 import pytest
 
 from shmcache import RedisSessionCache, SharedMemorySessionCache, TieredSessionCache
@@ -240,24 +240,7 @@ def redis_raw(redis_server: RedisServer) -> Iterator[Any]:
     client.close()
 
 
-def within(fn: Callable[[], Any], timeout: float = TIMEOUT) -> Any:
-    """``fn()``'s result or exception, or a failure if it has not returned in ``timeout``."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        pytest.fail(f"call did not return within {timeout} s (hang)")
-    if "error" in box:
-        raise box["error"]
-    return box.get("result")
+within = _workers.within  # fails, not hangs, a call that does not return
 
 
 def eventually(check: Callable[[], bool], what: str) -> None:
@@ -276,35 +259,12 @@ def keys_and_values(client: Any, prefix: str) -> dict[bytes, Any]:
     return out
 
 
-class Host:
+class Host(_workers.Remote):
     """A "host": a process of its own with its own cache (see ``serve_host``)."""
 
     def __init__(self, url: str, **options: Any) -> None:
         ctx = multiprocessing.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=serve_host, args=(url, options, child), daemon=True)
-        self.proc.start()
-        child.close()
-
-    def __call__(self, cmd: str, *args: Any) -> Any:
-        self.conn.send((cmd, *args))
-        if not self.conn.poll(TIMEOUT):
-            raise AssertionError(f"host {self.proc.pid} did not answer {cmd!r} in {TIMEOUT} s")
-        status, result = self.conn.recv()
-        if status != "ok":
-            raise AssertionError(f"{cmd!r} failed in host {self.proc.pid}: {result}")
-        return result
-
-    def stop(self) -> None:
-        try:
-            if self.proc.is_alive():
-                self("stop")
-        finally:
-            self.proc.join(TIMEOUT)
-            if self.proc.is_alive():
-                self.proc.kill()
-                self.proc.join(TIMEOUT)
-        assert self.proc.exitcode == 0, self.proc.exitcode
+        super().__init__(ctx, serve_host, url, options, label="host")
 
 
 def tiered(

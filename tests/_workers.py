@@ -10,11 +10,71 @@ from __future__ import annotations
 import os
 import random
 import signal
+import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from shmcache import SharedMemorySessionCache
+
+TIMEOUT = 30.0  # turns a hang into a failure; no test relies on it being short
+
+
+class Remote:
+    """A child process answering commands over a pipe (``target(*args, conn)``); a child that
+    does not answer within ``TIMEOUT`` fails the test instead of hanging it."""
+
+    def __init__(self, ctx: Any, target: Callable[..., None], *args: Any, label: str) -> None:
+        self.label = label
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=target, args=(*args, child), daemon=True)
+        self.proc.start()
+        child.close()
+
+    def __call__(self, cmd: str, *args: Any) -> Any:
+        self.conn.send((cmd, *args))
+        if not self.conn.poll(TIMEOUT):
+            raise AssertionError(
+                f"{self.label} {self.proc.pid} did not answer {cmd!r} in {TIMEOUT} s"
+            )
+        status, result = self.conn.recv()
+        if status != "ok":
+            raise AssertionError(f"{cmd!r} failed in {self.label} {self.proc.pid}: {result}")
+        return result
+
+    def stop(self) -> None:
+        try:
+            if self.proc.is_alive():
+                self("stop")
+        finally:
+            self.proc.join(TIMEOUT)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join(TIMEOUT)
+                raise AssertionError(f"{self.label} {self.proc.pid} did not exit")
+        assert self.proc.exitcode == 0, self.proc.exitcode
+
+
+def within(fn: Callable[[], Any], timeout: float = TIMEOUT) -> Any:
+    """``fn()``'s result (or its exception), or a failure if it has not returned in time."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise AssertionError(f"{fn!r} still running after {timeout} s: hung")
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
+
 
 # Exit codes a storm writer uses to say what went wrong (SIGKILL shows as -9).
 EXIT_WRONG_SESSION = 3

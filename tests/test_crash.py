@@ -13,7 +13,6 @@ import os
 import random
 import select
 import signal
-import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -30,24 +29,7 @@ TIMEOUT = 30.0
 FORK = multiprocessing.get_context("fork")
 
 
-def bounded(fn: Callable[[], Any], timeout: float = TIMEOUT) -> Any:
-    """Run ``fn`` and return its result; fail (not hang) if it has not returned in time."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise AssertionError(f"{fn!r} still running after {timeout} s: hung")
-    if "error" in box:
-        raise box["error"]
-    return box.get("result")
+bounded = _workers.within  # run fn; fail (not hang) if it has not returned in time
 
 
 def os_fork(body: Callable[[], None]) -> int:

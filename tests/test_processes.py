@@ -21,38 +21,14 @@ from shmcache import InMemorySessionCache, SharedMemorySessionCache
 
 BACKENDS = ["memory", "shm-hash", "shm-value"]
 METHODS = ["fork", "spawn"]
-TIMEOUT = 30.0
+TIMEOUT = _workers.TIMEOUT
 
 
-class Worker:
+class Worker(_workers.Remote):
     """A child process running cache commands sent to it (see ``_workers.serve``)."""
 
     def __init__(self, ctx: Any, spec: Any) -> None:
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_workers.serve, args=(spec, child), daemon=True)
-        self.proc.start()
-        child.close()
-
-    def __call__(self, cmd: str, *args: Any) -> Any:
-        self.conn.send((cmd, *args))
-        if not self.conn.poll(TIMEOUT):
-            raise AssertionError(f"worker {self.proc.pid} did not answer {cmd!r} in {TIMEOUT} s")
-        status, result = self.conn.recv()
-        if status != "ok":
-            raise AssertionError(f"{cmd!r} failed in worker {self.proc.pid}: {result}")
-        return result
-
-    def stop(self) -> None:
-        try:
-            if self.proc.is_alive():
-                self("stop")
-        finally:
-            self.proc.join(TIMEOUT)
-            if self.proc.is_alive():
-                self.proc.kill()
-                self.proc.join(TIMEOUT)
-                raise AssertionError(f"worker {self.proc.pid} did not exit")
-        assert self.proc.exitcode == 0, self.proc.exitcode
+        super().__init__(ctx, _workers.serve, spec, label="worker")
 
 
 def make_backend(backend: str, name: str) -> Any:
