@@ -8,7 +8,14 @@ _T = TypeVar("_T", bound="ClosesOnExit")
 
 
 class ClosesOnExit:
-    """Mixin: ``__enter__`` returns the cache, ``__exit__`` calls its ``close()``."""
+    """Mixin: ``__enter__`` returns the cache, ``__exit__`` calls its ``close()``;
+    ``closed`` reports the ``_closed`` flag that ``close()`` sets."""
+
+    _closed: bool = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
         """Release what this object holds (each backend says what)."""

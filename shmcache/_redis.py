@@ -423,10 +423,6 @@ class RedisSessionCache(ClosesOnExit):
             "shared_secret": self._fixed is None,
         }
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def close(self) -> None:
         """Close the client if this object made it from a URL (a client passed in is yours)."""
         if self._closed:

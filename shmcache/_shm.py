@@ -541,10 +541,6 @@ class SharedMemorySessionCache(ClosesOnExit):
     def value_size(self) -> int:
         return self._info.geometry.value_size
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def close(self) -> None:
         """Detach this process (the segment and its sessions stay for the others)."""
         if self._closed:

@@ -317,10 +317,6 @@ class TieredSessionCache(ClosesOnExit):
             "remote": self._remote.stats(),
         }
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def close(self) -> None:
         """Stop the subscriber, then close both tiers."""
         if self._closed:

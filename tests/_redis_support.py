@@ -192,19 +192,7 @@ def serve_host(url: str, options: dict[str, Any], conn: Any) -> None:
 
     cache: Any = open_cache(url, **options)
     try:
-        while True:
-            if not conn.poll(60):
-                return  # the test is gone or stuck: do not linger
-            cmd, *args = conn.recv()
-            if cmd == "stop":
-                conn.send(("ok", None))
-                return
-            try:
-                result = getattr(cache, cmd)(*args)
-            except Exception as exc:  # reported to the test, which decides
-                conn.send(("err", f"{type(exc).__name__}: {exc}"))
-            else:
-                conn.send(("ok", result))
+        _workers.answer_commands(cache, conn)
     finally:
         cache.close()
 

@@ -93,7 +93,11 @@ def open_cache(spec: Any) -> Any:
 def serve(spec: Any, conn: Any) -> None:
     """Run cache commands sent over ``conn`` until ``("stop",)``; each reply is sent only
     after the operation returned, so the caller knows it has happened."""
-    cache = open_cache(spec)
+    answer_commands(open_cache(spec), conn)
+
+
+def answer_commands(cache: Any, conn: Any) -> None:
+    """The command loop of ``serve`` (also used by the Redis "hosts")."""
     while True:
         if not conn.poll(60):
             return  # the parent is gone or stuck: do not linger
