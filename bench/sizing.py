@@ -17,8 +17,8 @@ import secrets
 import sys
 import time
 
-from shmcache._layout import W_EVICTIONS, Geometry
-from shmcache._table import Table, make_meta
+from shmcache.shm.layout import W_EVICTIONS, Geometry
+from shmcache.shm.table import Table, make_meta
 
 FAR = 10**9
 

@@ -23,13 +23,13 @@ from ._errors import (
     SegmentPermissionError,
     ShmCacheError,
 )
-from ._memory import InMemorySessionCache, NoOpSessionCache
 from ._open import open_cache
 from ._protocol import SessionCache, UserSessionCache
-from ._redis import RedisSessionCache
-from ._shm import SharedMemorySessionCache
-from ._tiered import TieredSessionCache
 from .codecs import Codec, JsonCodec, PickleCodec
+from .memory import InMemorySessionCache, NoOpSessionCache
+from .redis.cache import RedisSessionCache
+from .shm.cache import SharedMemorySessionCache
+from .tiered import TieredSessionCache
 
 __version__ = "0.1.0"
 

@@ -34,11 +34,12 @@ from ._errors import (
     SegmentExists,
     SegmentNotFound,
 )
-from ._memory import InMemorySessionCache, NoOpSessionCache
 from ._protocol import SessionCache
-from ._redis import RedisSessionCache, redact, redis_py_url_params
-from ._shm import SharedMemorySessionCache
-from ._tiered import TieredSessionCache
+from .memory import InMemorySessionCache, NoOpSessionCache
+from .redis.cache import RedisSessionCache
+from .redis.client import redact, redis_py_url_params
+from .shm.cache import SharedMemorySessionCache
+from .tiered import TieredSessionCache
 
 # How long to wait for a segment that another process is creating (it reserves all its
 # memory before its semaphore exists and its header is written: a large one takes a while).

@@ -43,9 +43,9 @@ from ._errors import (
     ShmCacheError,
 )
 from ._protocol import UserIdOf
-from ._segment import normalize_name, unlink_names
-from ._shm import SharedMemorySessionCache
 from .codecs import Codec
+from .shm.cache import SharedMemorySessionCache
+from .shm.segment import normalize_name, unlink_names
 
 log = logging.getLogger("shmcache.gunicorn")
 

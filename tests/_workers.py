@@ -258,7 +258,7 @@ def storm_writer(cache: Any, seed: int, hold: float, stop: Any, progress: Any, i
 def die_holding_lock(cache: Any, seed: int) -> None:
     """Take the lock, maybe start writing a slot, then SIGKILL ourselves (a kill that
     certainly lands inside the critical section)."""
-    from shmcache._layout import OP_SLOT, W_JOURNAL
+    from shmcache.shm.layout import OP_SLOT, W_JOURNAL
 
     cache._lock.acquire()
     rng = random.Random(seed)

@@ -19,10 +19,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import _segment
-from ._errors import InvalidArgument, SegmentNotFound, ShmCacheError
-from ._layout import HEADER, MAGIC
-from ._shm import SharedMemorySessionCache
+from .._errors import InvalidArgument, SegmentNotFound, ShmCacheError
+from ..shm import segment as _segment
+from ..shm.cache import SharedMemorySessionCache
+from ..shm.layout import HEADER, MAGIC
 
 
 class CommandError(Exception):
@@ -247,9 +247,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from . import _demo
+    from . import demo
 
-    return _demo.run()
+    return demo.run()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -317,5 +317,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":  # pragma: no cover - python -m shmcache._cli
+if __name__ == "__main__":  # pragma: no cover - python -m shmcache.cli.main
     sys.exit(main())

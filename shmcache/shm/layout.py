@@ -55,7 +55,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from ._errors import IncompatibleSegment, InvalidArgument
+from .._errors import IncompatibleSegment, InvalidArgument
 
 MAGIC = b"SHMCACHE"
 LAYOUT_VERSION = 2  # 2: the USERS array (invalidate_by_user)

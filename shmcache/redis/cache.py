@@ -21,12 +21,11 @@ owner (16 bytes: the user's hash, zeros: none) | MAC (16 bytes) | codec bytes``.
 a keyed BLAKE2b of the key and the rest, so a value moved to another token's key or user,
 truncated, or written by a program that does not hold the secret is a miss
 (``stats()["decode_errors"]``), never somebody else's session. Version 1 (no owner) values
-are misses too. The per-user index is kept by the Lua scripts in ``_redis_lua.py``.
+are misses too. The per-user index is kept by the Lua scripts in ``scripts.py``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import math
 import re
@@ -34,24 +33,23 @@ import secrets
 import struct
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from types import ModuleType
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlsplit
 
-from . import _args, _redis_lua
-from ._closing import ClosesOnExit
-from ._errors import CacheClosed, CacheUnavailable, InvalidArgument, InvalidType
-from ._protocol import UserIdOf
-from .codecs import Codec, PickleCodec
+from .. import _args
+from .._closing import ClosesOnExit
+from .._errors import CacheClosed, CacheUnavailable, InvalidArgument, InvalidType
+from .._protocol import UserIdOf
+from ..codecs import Codec, PickleCodec
+from . import scripts
+from .client import check_client, client_from_url, import_redis
+from .secret import MAC_SIZE, Secret, derive, mac
 
 Clock = Callable[[], float]
 T = TypeVar("T")
 
-_VERSION = _redis_lua.VERSION
-_HEAD = struct.Struct("<Bq16s")  # version, deadline ms, owner (see _redis_lua)
-_MAC_SIZE = 16
-_VALUE_START = _HEAD.size + _MAC_SIZE
+_VERSION = scripts.VERSION
+_HEAD = struct.Struct("<Bq16s")  # version, deadline ms, owner (see scripts.py)
+_VALUE_START = _HEAD.size + MAC_SIZE
 _DEADLINE = struct.Struct("<q")
 _MAX_MS = (1 << 63) - 1
 _SECRET_TRIES = 3  # a secret replaced twice during one call means someone keeps deleting it
@@ -60,35 +58,6 @@ _DEFAULT_TIMEOUT = 1.0  # seconds; redis-py's own default is to wait forever
 _GLOB_SPECIALS = re.compile(r"([*?\[\]\\])")
 
 Listener = Callable[[], None]  # told that the shared secret changed (called outside locks)
-
-
-def import_redis() -> ModuleType:
-    """The redis-py package, or an ``ImportError`` that says how to get it."""
-    try:
-        import redis
-    except ImportError as exc:
-        raise ImportError(
-            "the Redis backend needs redis-py: pip install 'shmcache[redis]'"
-        ) from exc
-    return redis
-
-
-@dataclass(frozen=True)
-class _Secret:
-    raw: bytes  # as stored in Redis (shared mode) or as given
-    key_mac: Any  # blake2b state keyed for token -> key, copied per use
-    value_mac: Any  # blake2b state keyed for value authentication
-    user_mac: Any  # blake2b state keyed for user id -> owner
-
-
-def _derive(raw: bytes) -> _Secret:
-    root = hashlib.blake2b(raw, digest_size=32, person=b"shmcache-root").digest()
-    return _Secret(
-        raw,
-        hashlib.blake2b(key=root, digest_size=16, person=b"shmcache-key"),
-        hashlib.blake2b(key=root, digest_size=_MAC_SIZE, person=b"shmcache-value"),
-        hashlib.blake2b(key=root, digest_size=16, person=b"shmcache-user"),
-    )
 
 
 class RedisSessionCache(ClosesOnExit):
@@ -152,7 +121,7 @@ class RedisSessionCache(ClosesOnExit):
         if not isinstance(fail_open, bool):
             raise InvalidArgument(f"fail_open must be True or False, got {fail_open!r}")
         if isinstance(client, str):
-            self._client = _client_from_url(
+            self._client = client_from_url(
                 redis, client, _DEFAULT_TIMEOUT if timeout is None else timeout
             )
             self._owns_client = True
@@ -162,17 +131,17 @@ class RedisSessionCache(ClosesOnExit):
                     "timeout applies to a client made from a URL; set socket_timeout on the "
                     "client you pass instead"
                 )
-            _check_client(client)
+            check_client(client)
             self._client = client
             self._owns_client = False
         if secret is None:
-            self._fixed: _Secret | None = None
+            self._fixed: Secret | None = None
         else:
             raw = secret.encode() if isinstance(secret, str) else secret
             if not isinstance(raw, bytes) or len(raw) < 16:
                 raise InvalidArgument("secret must be bytes or str of at least 16 bytes")
-            self._fixed = _derive(raw)
-        self._secret: _Secret | None = self._fixed
+            self._fixed = derive(raw)
+        self._secret: Secret | None = self._fixed
         self._prefix = prefix
         self._secret_key = prefix + "secret"
         self._channel = prefix + "invalidations"
@@ -304,7 +273,7 @@ class RedisSessionCache(ClosesOnExit):
     def lookup(self, token: str) -> tuple[Any, float, str, str | None] | None:
         """``(session, seconds it has left, key hash, owner hash or None)``, or None;
         raises ``CacheUnavailable``."""
-        def queue(pipe: Any, secret: _Secret) -> str:
+        def queue(pipe: Any, secret: Secret) -> str:
             key = self._hash(secret, token)
             full = self._prefix + "s:" + key
             pipe.get(full)
@@ -331,15 +300,15 @@ class RedisSessionCache(ClosesOnExit):
             deadline = min(_MAX_MS, max(1, round((self._clock() + ttl) * 1000)))
         users = self._prefix + "u:"
 
-        def queue(pipe: Any, secret: _Secret) -> tuple[str, str | None]:
+        def queue(pipe: Any, secret: Secret) -> tuple[str, str | None]:
             key = self._hash(secret, token)
             full = self._prefix + "s:" + key
-            owner = _redis_lua.NO_OWNER if user is None else self._owner(secret, user)
+            owner = scripts.NO_OWNER if user is None else self._owner(secret, user)
             head = _HEAD.pack(_VERSION, deadline, owner)
-            value = head + _mac(secret, full, head, payload) + bytes(payload)
+            value = head + mac(secret, full, head, payload) + bytes(payload)
             keys = [full] if user is None else [full, users + owner.hex()]
-            index_px = px + _redis_lua.GRACE_MS
-            self._script(pipe, _redis_lua.SET, keys, value, px, owner, key, users, index_px)
+            index_px = px + scripts.GRACE_MS
+            self._script(pipe, scripts.SET, keys, value, px, owner, key, users, index_px)
             return key, None if user is None else owner.hex()
 
         results, (key, owner), _ = self._transact("set", queue)
@@ -349,10 +318,10 @@ class RedisSessionCache(ClosesOnExit):
     def remove(self, token: str) -> str:
         """Delete ``token``'s entry (and its place in its user's index) and publish its key
         hash; returns the key hash."""
-        def queue(pipe: Any, secret: _Secret) -> str:
+        def queue(pipe: Any, secret: Secret) -> str:
             key = self._hash(secret, token)
             self._script(
-                pipe, _redis_lua.REMOVE, [self._prefix + "s:" + key], key, self._prefix + "u:"
+                pipe, scripts.REMOVE, [self._prefix + "s:" + key], key, self._prefix + "u:"
             )
             pipe.publish(self._channel, b"i:" + key.encode())
             return key
@@ -364,10 +333,10 @@ class RedisSessionCache(ClosesOnExit):
     def revoke(self, user: str) -> tuple[int, str]:
         """Delete every session filed under ``user`` (``user_key`` form) and publish the
         owner hash; returns how many live sessions were deleted, and the owner hash."""
-        def queue(pipe: Any, secret: _Secret) -> str:
+        def queue(pipe: Any, secret: Secret) -> str:
             owner = self._owner(secret, user)
             index = self._prefix + "u:" + owner.hex()
-            self._script(pipe, _redis_lua.REVOKE, [index], owner, self._prefix + "s:")
+            self._script(pipe, scripts.REVOKE, [index], owner, self._prefix + "s:")
             pipe.publish(self._channel, b"u:" + owner.hex().encode())
             return owner.hex()
 
@@ -451,24 +420,24 @@ class RedisSessionCache(ClosesOnExit):
                 f"Redis {op} failed: {type(exc).__name__}: {exc}"
             ) from exc
 
-    def _hash(self, secret: _Secret, token: str) -> str:
+    def _hash(self, secret: Secret, token: str) -> str:
         mac = secret.key_mac.copy()
         mac.update(_args.token_bytes(token))
         return str(mac.hexdigest())
 
-    def _owner(self, secret: _Secret, user: str) -> bytes:
+    def _owner(self, secret: Secret, user: str) -> bytes:
         mac = secret.user_mac.copy()
         mac.update(_args.token_bytes(user))
         return bytes(mac.digest())
 
-    def _script(self, pipe: Any, script: _redis_lua.Script, keys: list[str], *args: Any) -> None:
+    def _script(self, pipe: Any, script: scripts.Script, keys: list[str], *args: Any) -> None:
         # EVALSHA, not redis-py's Script objects: in a pipeline they ask SCRIPT EXISTS
         # first, a second round trip on every call. A NOSCRIPT reply is handled by _transact.
         pipe.evalsha(script.sha, len(keys), *keys, *args)
 
     def _transact(
-        self, op: str, queue: Callable[[Any, _Secret], T]
-    ) -> tuple[list[Any], T, _Secret]:
+        self, op: str, queue: Callable[[Any, Secret], T]
+    ) -> tuple[list[Any], T, Secret]:
         """Run the commands ``queue`` adds (given the secret to hash with) in one MULTI/EXEC;
         returns their results, what ``queue`` returned, and the secret.
 
@@ -482,7 +451,7 @@ class RedisSessionCache(ClosesOnExit):
             shared = self._fixed is None
             box: list[T] = []
 
-            def run(secret: _Secret = secret, shared: bool = shared, box: list[T] = box) -> Any:
+            def run(secret: Secret = secret, shared: bool = shared, box: list[T] = box) -> Any:
                 for attempt in range(2):
                     pipe = self._client.pipeline(transaction=True)
                     if shared:
@@ -493,7 +462,7 @@ class RedisSessionCache(ClosesOnExit):
                         return results
                     # A restarted Redis (or SCRIPT FLUSH) forgot our scripts, and the
                     # script did nothing: load them and run the transaction again.
-                    for script in _redis_lua.ALL:
+                    for script in scripts.ALL:
                         self._client.script_load(script.text)
                 return results
 
@@ -512,7 +481,7 @@ class RedisSessionCache(ClosesOnExit):
             "one call (is something deleting it?)"
         )
 
-    def _current_secret(self, op: str) -> _Secret:
+    def _current_secret(self, op: str) -> Secret:
         secret = self._secret
         if secret is not None:
             return secret
@@ -535,14 +504,14 @@ class RedisSessionCache(ClosesOnExit):
         with self._secret_lock:
             secret = self._secret
             if secret is None or secret.raw != raw:
-                secret = self._secret = _derive(raw)
+                secret = self._secret = derive(raw)
         if created is True:
             # A new secret orphans every key made under an old one: hosts that still hash
             # with the old one drop what they copied locally (TieredSessionCache) at once.
             self._call(op, lambda: self._client.publish(self._channel, b"c"))
         return secret
 
-    def _forget_secret(self, stale: _Secret) -> None:
+    def _forget_secret(self, stale: Secret) -> None:
         with self._secret_lock:
             if self._secret is stale:
                 self._secret = None
@@ -550,17 +519,17 @@ class RedisSessionCache(ClosesOnExit):
             listener()
 
     def _decode(
-        self, secret: _Secret, raw: bytes, full: str, pttl: Any
+        self, secret: Secret, raw: bytes, full: str, pttl: Any
     ) -> tuple[Any, float, str | None] | None:
         """``(session, seconds left, owner hash or None)``, or None for a miss."""
         if len(raw) < _VALUE_START:
             self._decode_errors += 1
             return None
         version, deadline, owner = _HEAD.unpack_from(raw)
-        mac = raw[_HEAD.size : _VALUE_START]
+        stored_mac = raw[_HEAD.size : _VALUE_START]
         payload = raw[_VALUE_START:]
         if version != _VERSION or not hmac.compare_digest(
-            mac, _mac(secret, full, raw[: _HEAD.size], payload)
+            stored_mac, mac(secret, full, raw[: _HEAD.size], payload)
         ):
             self._decode_errors += 1
             return None
@@ -577,77 +546,10 @@ class RedisSessionCache(ClosesOnExit):
         except Exception:  # a codec that cannot read it: a miss, as in the shared table
             self._decode_errors += 1
             return None
-        return session, left, None if owner == _redis_lua.NO_OWNER else owner.hex()
-
-
-def _mac(secret: _Secret, full: str, head: bytes, payload: Any) -> bytes:
-    mac = secret.value_mac.copy()
-    mac.update(full.encode())
-    mac.update(head)
-    mac.update(payload)
-    return bytes(mac.digest())
+        return session, left, None if owner == scripts.NO_OWNER else owner.hex()
 
 
 def _raise_errors(op: str, results: list[Any]) -> None:
     for result in results:
         if isinstance(result, Exception):
             raise CacheUnavailable(f"Redis refused {op}: {result}")
-
-
-def _check_client(client: Any) -> None:
-    if not callable(getattr(client, "pipeline", None)):
-        raise InvalidType(
-            f"client must be a redis-py client or a URL, got {type(client).__name__}"
-        )
-    kwargs = getattr(client, "get_connection_kwargs", None)
-    if callable(kwargs) and kwargs().get("decode_responses"):
-        raise InvalidArgument("the client must return bytes: make it with decode_responses=False")
-
-
-# redis-py connection options that its URL parser passes through as strings (TLS files
-# and the like); the rest of what it accepts comes from its own table at run time.
-_REDIS_PY_EXTRA = {
-    "client_name", "ssl_ca_certs", "ssl_ca_path", "ssl_ca_data", "ssl_certfile",
-    "ssl_keyfile", "ssl_cert_reqs", "ssl_password", "ssl_check_hostname", "ssl_min_version",
-}
-
-
-def redis_py_url_params() -> set[str]:
-    """The query parameters redis-py's ``from_url`` turns into connection options."""
-    import_redis()
-    from redis.connection import URL_QUERY_ARGUMENT_PARSERS
-
-    # "timeout" is in redis-py's table, but its connections reject it: it is ours.
-    return {*URL_QUERY_ARGUMENT_PARSERS, *_REDIS_PY_EXTRA} - {"timeout"}
-
-
-def _client_from_url(redis: ModuleType, url: str, timeout: float) -> Any:
-    timeout = _args.positive_number("timeout", timeout)
-    known = redis_py_url_params()
-    for key, _ in parse_qsl(urlsplit(url).query, keep_blank_values=True):
-        if key not in known:
-            raise InvalidArgument(
-                f"parameter {key!r} in {redact(url)!r} is not a redis-py connection option "
-                "(pass prefix, timeout and fail_open as arguments, or use open_cache)"
-            )
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
-    try:
-        # One retry: a pooled connection that Redis closed (a restart, an idle timeout)
-        # fails once and is replaced; redis-py's default of 10 retries with backoff would
-        # hold every request for seconds when Redis is really down.
-        return redis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 1),
-        )
-    except (ValueError, TypeError) as exc:
-        raise InvalidArgument(f"bad Redis URL {redact(url)!r}: {exc}") from None
-
-
-def redact(url: str) -> str:
-    """``url`` without its password, for messages and logs."""
-    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
-

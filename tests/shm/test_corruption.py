@@ -24,7 +24,7 @@ from shmcache import (
     SharedMemorySessionCache,
     ShmCacheError,
 )
-from shmcache._layout import HEADER_SIZE, W_JOURNAL, W_OWNER
+from shmcache.shm.layout import HEADER_SIZE, W_JOURNAL, W_OWNER
 
 TIMEOUT = 60.0
 FORK = multiprocessing.get_context("fork")

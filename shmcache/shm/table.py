@@ -26,7 +26,7 @@ from typing import Any
 
 import xxhash
 
-from ._layout import (
+from .layout import (
     CHECK_HASH_BITS,
     CHECK_HASH_MASK,
     EXPIRY_BITS,

@@ -38,7 +38,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from shmcache import PickleCodec, SharedMemorySessionCache, _shm
+from shmcache import PickleCodec, SharedMemorySessionCache
+from shmcache.shm import cache as shm_cache
 
 START_MS = 1_000_000
 SMALL = 8  # capacity of the small table: fewer slots than the pool has storable tokens
@@ -82,7 +83,7 @@ class CacheModel(RuleBasedStateMachine):
         self.clock = FakeClock(START_MS / 1000)
         # Fixed hash seeds: which tokens collide (and so what is evicted) must not change
         # between hypothesis' runs of one example, or it could not replay and shrink it.
-        with mock.patch.object(_shm, "secrets", _FixedSeeds()):
+        with mock.patch.object(shm_cache, "secrets", _FixedSeeds()):
             self.a = SharedMemorySessionCache.create(
                 self.make_name(), capacity=self.capacity, value_size=self.value_size,
                 clock=self.clock,

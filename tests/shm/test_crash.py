@@ -23,7 +23,7 @@ import posix_ipc
 import pytest
 
 from shmcache import LockTimeout, SharedMemorySessionCache
-from shmcache._layout import OP_CLEAR, OP_SLOT, W_JOURNAL, W_OWNER
+from shmcache.shm.layout import OP_CLEAR, OP_SLOT, W_JOURNAL, W_OWNER
 
 TIMEOUT = 30.0
 FORK = multiprocessing.get_context("fork")

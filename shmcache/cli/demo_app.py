@@ -5,7 +5,7 @@ cache first and, on a miss, validates against the database and caches the result
 like the seed's auth dependency. ``SHMCACHE_DEMO_BACKEND`` picks the cache: ``memory`` (the
 seed's per-process dict) or ``shm`` (shmcache, through ``shmcache.gunicorn.get_cache``).
 
-Run it: ``gunicorn -c gunicorn.conf.py shmcache._demo_app:app``.
+Run it: ``gunicorn -c gunicorn.conf.py shmcache.cli.demo_app:app``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ._memory import InMemorySessionCache
-from ._protocol import SessionCache
+from .._protocol import SessionCache
+from ..memory import InMemorySessionCache
 
 TTL_SECONDS = 60.0
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
@@ -34,7 +34,7 @@ def cache() -> SessionCache:
         if os.environ.get("SHMCACHE_DEMO_BACKEND", "shm") == "memory":
             _cache = InMemorySessionCache()
         else:
-            from .gunicorn import get_cache
+            from ..gunicorn import get_cache
 
             _cache = get_cache()
     return _cache

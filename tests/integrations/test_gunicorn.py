@@ -1,6 +1,6 @@
 """A real gunicorn, real HTTP, several workers: the reason this project exists.
 
-Every test starts gunicorn on a free loopback port with ``shmcache._demo._serve`` (the
+Every test starts gunicorn on a free loopback port with ``shmcache.cli.demo._serve`` (the
 same harness the demo uses) and talks to it with plain HTTP.
 """
 
@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from shmcache import SharedMemorySessionCache
-from shmcache._demo import Server, logout_scenario, reset_scenario, serve
+from shmcache.cli.demo import Server, logout_scenario, reset_scenario, serve
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: tests._asgi_app imports from it
 WAIT = 60.0  # generous: turns a hang into a failure, never a speed requirement
 
 
@@ -208,7 +208,7 @@ def test_uvicorn_own_workers_attach_by_name(segment_name: str) -> None:
     import subprocess
     import sys
 
-    from shmcache._demo import free_port
+    from shmcache.cli.demo import free_port
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SHMCACHE_NAME": segment_name,

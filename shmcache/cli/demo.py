@@ -1,6 +1,6 @@
 """``shmcache demo``: a real gunicorn with 4 workers, one logout, the seed's cache vs ours.
 
-It serves ``shmcache._demo_app`` on a loopback port, logs a user in, spreads requests over
+It serves ``shmcache.cli.demo_app`` on a loopback port, logs a user in, spreads requests over
 every worker (so each worker has validated and cached the session), logs out through one
 worker, and counts how many later requests are still accepted: some with the seed's
 per-process ``InMemorySessionCache``, none with shmcache. Then it runs ``shmcache reset``
@@ -88,7 +88,7 @@ def write_config(workdir: str, port: int, name: str, *, workers: int = WORKERS,
 
 @contextmanager
 def serve(backend: str, *, workers: int = WORKERS, preload: bool = False,
-          app: str = "shmcache._demo_app:app", extra_config: str = "",
+          app: str = "shmcache.cli.demo_app:app", extra_config: str = "",
           env: dict[str, str] | None = None) -> Iterator[Server]:
     """Run gunicorn on a free loopback port until the block ends, then stop it (SIGTERM)."""
     workdir = tempfile.mkdtemp(prefix="shmcache-demo-")

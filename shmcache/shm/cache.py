@@ -22,41 +22,37 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from . import _proc, _segment
-from ._args import MAX_TTL, positive_number, token_bytes, user_key
-from ._args import ttl as ttl_arg
-from ._closing import ClosesOnExit
-from ._counters import ProcessCounters
-from ._errors import (
+from .._args import MAX_TTL, positive_number, token_bytes, user_key
+from .._args import ttl as ttl_arg
+from .._closing import ClosesOnExit
+from .._errors import (
     CacheClosed,
     IncompatibleSegment,
     InvalidArgument,
     InvalidType,
-    LockTimeout,
     ShmCacheError,
 )
-from ._layout import (
+from .._protocol import UserIdOf
+from ..codecs import Codec, PickleCodec
+from . import proc as _proc
+from . import segment as _segment
+from .admin import SegmentAdmin
+from .counters import ProcessCounters
+from .layout import (
     MAX_EXPIRY_MS,
     NONCE_BITS,
     NONCE_MASK,
-    OP_CLEAR,
-    OP_NONE,
-    OP_SLOT,
     U64,
     W_CLEARS,
-    W_EVICTIONS,
     W_KEEPER,
     W_OVERSIZE,
-    W_RECOVERIES,
     Geometry,
     HeaderInfo,
     host_supported,
     read_header,
 )
-from ._lock import SegmentLock
-from ._protocol import UserIdOf
-from ._table import Table
-from .codecs import Codec, PickleCodec
+from .lock import SegmentLock
+from .table import Table
 
 Clock = Callable[[], float]
 _PURGE_CHUNK = 4096  # slots reclaimed per lock hold, so purge never stalls writers long
@@ -74,7 +70,7 @@ def _reset_counters_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_counters_after_fork)
 
 
-class SharedMemorySessionCache(ClosesOnExit):
+class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
     """A ``SessionCache`` whose entries every process on the host shares.
 
     Make one with :meth:`create` (once, in the process that owns the segment, e.g. the
@@ -420,113 +416,6 @@ class SharedMemorySessionCache(ClosesOnExit):
             self._lock.release()
         self._publish()
 
-    # -- maintenance ---------------------------------------------------------------------
-
-    def purge(self) -> int:
-        """Reclaim every expired entry now (``set`` also reclaims them as it goes); returns
-        how many. Holds the lock for at most a few thousand slots at a time."""
-        self._ensure_open()
-        total = 0
-        phys = self._info.geometry.physical_slots
-        for start in range(0, phys, _PURGE_CHUNK):
-            now_ms = self._now_ms()
-            self._lock.acquire()
-            try:
-                total += self._table.purge_locked(start, start + _PURGE_CHUNK, now_ms)
-            except BaseException:
-                self._table.repair_locked()
-                raise
-            finally:
-                self._lock.release()
-        return total
-
-    def stats(self) -> dict[str, Any]:
-        """Figures for the whole segment.
-
-        ``hits`` and ``misses`` add up every process's published counters; a process
-        counts them locally (no shared write on ``get``) and publishes them at every miss,
-        invalidate, clear and ``stats`` call, so another worker's figures may lag by the
-        hits since its last such call. ``process_hits``/``process_misses`` are this
-        object's own, exact.
-        """
-        self._ensure_open()
-        self._publish()
-        hits, misses, processes = self._counters.totals()
-        geo = self._info.geometry
-        census = self._table.census(self._now_ms())
-        words = self._words
-        owner = self._lock.owner()
-        occupied = census["entries"] + census["expired"] + census["invalid"]
-        return {
-            "name": self._segment.name,
-            "capacity": geo.capacity,
-            "slots": geo.physical_slots,
-            "window": geo.window,
-            "value_size": geo.value_size,
-            "size_bytes": geo.size,
-            "entries": census["entries"],
-            "expired": census["expired"],
-            "invalid": census["invalid"],
-            "tombstones": 0,  # removals zero their slot: this table has none
-            "load_factor": occupied / geo.physical_slots,
-            "hits": hits if self._counter_rec >= 0 else hits + self._hits,
-            "misses": misses if self._counter_rec >= 0 else misses + self._misses,
-            "process_hits": self._hits,
-            "process_misses": self._misses,
-            "processes": processes,
-            "decode_errors": self._decode_errors,
-            "evictions": int(words[W_EVICTIONS]),
-            "lock_recoveries": int(words[W_RECOVERIES]),
-            "oversize": int(words[W_OVERSIZE]),
-            "clears": int(words[W_CLEARS]),
-            "lock_owner": (owner & _proc.PID_MASK) or None,
-            "lock_owner_alive": bool(owner) and _proc.is_alive(owner),
-            "keeper_pid": (int(words[W_KEEPER]) & _proc.PID_MASK) or None,
-            "creator_pid": self._info.creator_pid,
-            "created": self._info.created,
-            "local_sessions": len(self._local),
-        }
-
-    def check(self) -> list[str]:
-        """Integrity check of the whole segment: a list of problems, ``[]`` when whole.
-
-        Scans without the lock, then re-checks anything suspicious under it (a writer
-        racing the scan is not a problem). Taking the lock also recovers it from a dead
-        holder, so a check after a crash reports what recovery could not mend.
-        """
-        self._ensure_open()
-        problems: list[str] = []
-        try:
-            if read_header(self._segment.mm, len(self._segment.mm)) != self._info:
-                problems.append("header: immutable fields changed since attach")
-        except IncompatibleSegment as exc:
-            problems.append(f"header: {exc}")
-        suspicious = self._table.problems()
-        try:
-            self._lock.acquire()
-        except LockTimeout as exc:
-            problems.append(f"lock: {exc}")
-            return problems
-        try:
-            op, slot = self._table.journal()
-            if op not in (OP_NONE, OP_SLOT, OP_CLEAR) or (
-                op == OP_SLOT and slot >= self._info.geometry.physical_slots
-            ):
-                problems.append(f"journal: unreadable word (op {op}, slot {slot})")
-            for slot in suspicious:
-                problem = self._table.slot_problem(slot) or self._table.duplicate_problem(slot)
-                if problem is not None and problem not in problems:
-                    problems.append(problem)
-        finally:
-            self._lock.release()
-        return problems
-
-    def recover_lock(self) -> bool:
-        """Free the lock now if the process recorded as holding it is dead (gunicorn's
-        ``child_exit`` and ``shmcache unlock`` call this); False if there was nothing to do."""
-        self._ensure_open()
-        return self._lock.recover_if_abandoned()
-
     # -- lifetime ------------------------------------------------------------------------
 
     @property
@@ -554,36 +443,6 @@ class SharedMemorySessionCache(ClosesOnExit):
         self._table.release()
         self._segment.close()
 
-    def unlink(self) -> None:
-        """Remove the segment's and the semaphore's names (processes attached keep working
-        until they close; nobody new can attach)."""
-        self._segment.unlink()
-
-    # The keeper is the process whose exit removes the names: the creator, until another
-    # process adopts the segment. A gunicorn master started by a binary upgrade (USR2)
-    # adopts its predecessor's segment, so the old master's exit leaves the name alone.
-
-    def adopt(self) -> None:
-        """Make this process the segment's keeper."""
-        self._ensure_open()
-        self._words[W_KEEPER] = _proc.my_word()
-
-    def unlink_if_keeper(self) -> bool:
-        """Unlink the names if this process is the keeper, or the keeper is gone (an adopter
-        that died, as after an aborted upgrade). Returns True if it unlinked."""
-        self._ensure_open()
-        keeper = int(self._words[W_KEEPER])
-        if keeper and keeper != _proc.my_word() and _proc.is_alive(keeper):
-            return False
-        self.unlink()
-        return True
-
-    def chown(self, uid: int, gid: int) -> None:
-        """Give the segment and its semaphore to ``uid``/``gid`` (for workers that drop
-        privileges and must attach by name; forked workers keep their inherited mapping)."""
-        self._ensure_open()
-        self._segment.chown(uid, gid)
-
     def __reduce__(self) -> tuple[Any, ...]:
         return (_attach_pickled, (self._segment.name, self._pickle_options))
 
@@ -592,29 +451,6 @@ class SharedMemorySessionCache(ClosesOnExit):
         return f"<SharedMemorySessionCache {self._segment.name!r} {state}>"
 
     # -- helpers -------------------------------------------------------------------------
-
-    def _now_ms(self) -> int:
-        return round(self._clock() * 1000)
-
-    def _publish(self) -> None:
-        """Copy this object's hit/miss counters into its record in the header."""
-        rec = self._counter_rec
-        if rec == -2:
-            if not (self._hits or self._misses):
-                return  # nothing to say yet (an admin command's stats() takes no record)
-            try:
-                rec = self._counters.claim(_proc.my_word(), self._object_id)
-            except OSError:
-                rec = -1
-            self._counter_rec = rec
-        if rec >= 0:
-            words = self._words
-            words[rec + 1] = self._hits & U64
-            words[rec + 2] = self._misses & U64
-
-    def _ensure_open(self) -> None:
-        if self._closed:
-            raise CacheClosed("this SharedMemorySessionCache is closed")
 
     def _bump(self, word: int) -> None:
         """Add one to a header counter (caller holds the lock)."""

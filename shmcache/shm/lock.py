@@ -40,9 +40,9 @@ from typing import Any
 
 import posix_ipc
 
-from . import _proc
-from ._errors import LockTimeout
-from ._layout import U64, W_GEN, W_OWNER, W_RECOVERIES
+from .._errors import LockTimeout
+from . import proc as _proc
+from .layout import U64, W_GEN, W_OWNER, W_RECOVERIES
 
 _SLICE = 0.02
 _SPINS = 100  # about 50-100 us of retries: longer than any critical section

@@ -23,7 +23,7 @@ from typing import Any
 
 import posix_ipc
 
-from ._errors import (
+from .._errors import (
     IncompatibleSegment,
     InvalidArgument,
     NoSpace,
@@ -31,7 +31,7 @@ from ._errors import (
     SegmentNotFound,
     SegmentPermissionError,
 )
-from ._layout import HEADER_SIZE
+from .layout import HEADER_SIZE
 
 SHM_DIR = "/dev/shm"
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,200}")

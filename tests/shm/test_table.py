@@ -13,8 +13,8 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shmcache import _layout
-from shmcache._layout import (
+from shmcache.shm import layout as _layout
+from shmcache.shm.layout import (
     JOURNAL_SLOT_MASK,
     NO_VALUE,
     OP_CLEAR,
@@ -25,7 +25,7 @@ from shmcache._layout import (
     W_JOURNAL,
     Geometry,
 )
-from shmcache._table import Table, make_meta, meta_expiry_ms
+from shmcache.shm.table import Table, make_meta, meta_expiry_ms
 
 # The part of a check word that is the keyed hash (the rest may be a write stamp).
 HASH_MASK = getattr(_layout, "CHECK_HASH_MASK", (1 << 64) - 1)

@@ -11,8 +11,8 @@ import secrets
 
 import pytest
 
-from shmcache._layout import W_EVICTIONS, Geometry
-from shmcache._table import Table, make_meta
+from shmcache.shm.layout import W_EVICTIONS, Geometry
+from shmcache.shm.table import Table, make_meta
 
 FAR = 10**9  # ms: nothing expires during these tests
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import fcntl
 from collections.abc import Callable
 
-from ._layout import (
+from .layout import (
     COUNTER_RECORDS,
     COUNTER_RECORDS_W,
     U64,

@@ -40,7 +40,7 @@ from . import _args
 from ._closing import ClosesOnExit
 from ._errors import CacheUnavailable, InvalidArgument, InvalidType
 from ._protocol import SessionCache, UserIdOf, UserSessionCache
-from ._redis import RedisSessionCache
+from .redis.cache import RedisSessionCache
 
 log = logging.getLogger("shmcache.tiered")
 
