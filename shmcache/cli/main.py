@@ -90,9 +90,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
     lookups = stats["hits"] + stats["misses"]
     rate = f" (hit rate {100 * stats['hits'] / lookups:.1f}%)" if lookups else ""
     owner = stats["lock_owner"]
-    owner_text = "free" if owner is None else (
-        f"pid {owner} ({'alive' if stats['lock_owner_alive'] else 'DEAD: `shmcache unlock`'})"
-    )
+    if stats["lock_abandoned"]:
+        owner_text = "abandoned by a dead holder (the next write recovers it; or `shmcache unlock`)"
+    else:
+        owner_text = "free" if owner is None else f"held by pid {owner} (alive)"
     rows = [
         ("segment", f"{stats['name']} ({_segment.segment_path(stats['name'])}, "
                     f"{stats['size_bytes']} bytes)"),
@@ -163,15 +164,13 @@ def cmd_unlock(args: argparse.Namespace) -> int:
     with _attach(args) as cache:
         stats = cache.stats()
         owner = stats["lock_owner"]
+        if cache.recover_lock():
+            print(f"{args.name}: recovered the lock from a dead holder")
+            return 0
         if owner is None:
             print(f"{args.name}: the lock is free")
             return 0
-        if stats["lock_owner_alive"]:
-            raise CommandError(f"the lock is held by live process {owner}: not touching it")
-        if not cache.recover_lock():
-            raise CommandError("the lock changed hands while we looked; run the command again")
-    print(f"{args.name}: recovered the lock from dead process {owner}")
-    return 0
+        raise CommandError(f"the lock is held by live process {owner}: not touching it")
 
 
 def cmd_create(args: argparse.Namespace) -> int:
