@@ -219,7 +219,9 @@ class SegmentAdmin:
             rec = -2
             try:
                 lock.acquire()
-                rec = self._counters.claim_locked(_proc.my_word(), self._object_id)
+                rec = self._counter_rec  # another thread of this process may have claimed
+                if rec == -2:
+                    rec = self._counters.claim_locked(_proc.my_word(), self._object_id)
             except ShmCacheError:
                 pass  # a live holder past lock_timeout: the figures stay local, retry later
             finally:

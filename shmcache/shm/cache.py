@@ -503,11 +503,11 @@ class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
         local = self._local
         for token, (_, word, check, expires) in list(local.items()):
             if words[word] != check or now >= expires:
-                del local[token]
+                local.pop(token, None)  # another thread may have dropped it already
         excess = len(local) - self._max_local // 2
         if excess > 0:
             for token in list(local)[:excess]:
-                del local[token]
+                local.pop(token, None)
 
 
 def _attach_pickled(name: str, options: dict[str, Any]) -> SharedMemorySessionCache:
