@@ -92,7 +92,8 @@ def test_odd_semaphore_files_are_refused_with_a_shmcache_error(
     error: type[ShmCacheError], message: str,
 ) -> None:
     with SharedMemorySessionCache.create(segment_name, capacity=64) as cache:
-        whole = open(paths[0], "rb").read()
+        with open(paths[0], "rb") as f:
+            whole = f.read()
         cache.unlink()
     _write(whole)(paths[0])  # a whole segment, owner-only, beside an odd semaphore
     os.chmod(paths[0], 0o600)
