@@ -22,29 +22,22 @@ else is an ``InvalidArgument`` that names it.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from ._errors import (
-    IncompatibleSegment,
     InvalidArgument,
     InvalidType,
-    SegmentExists,
-    SegmentNotFound,
 )
 from ._protocol import SessionCache
 from .memory import InMemorySessionCache, NoOpSessionCache
 from .redis.cache import RedisSessionCache
 from .redis.client import redact, redis_py_url_params
 from .shm.cache import SharedMemorySessionCache
+from .shm.startup import create_or_attach
 from .tiered import TieredSessionCache
 
-# How long to wait for a segment that another process is creating (it reserves all its
-# memory before its semaphore exists and its header is written: a large one takes a while).
-_CREATION_PATIENCE = 10.0  # seconds
-_RETRY_PAUSE = 0.01
 _SHM_PARAMS = {"capacity": int, "value_size": int, "lock_timeout": float}
 _REDIS_PARAMS = {"prefix": str, "timeout": float, "fail_open": bool}
 _TIER_PARAMS = {"shm": str, "max_staleness": float, "subscribe": bool}
@@ -174,39 +167,26 @@ def _shm_create_or_attach(name: str, settings: dict[str, Any]) -> SharedMemorySe
     common = {
         k: settings[k] for k in ("codec", "clock", "lock_timeout", "user_id_of") if k in settings
     }
-    deadline = time.monotonic() + _CREATION_PATIENCE
-    while True:
-        try:
-            cache = SharedMemorySessionCache.attach(name, **common)
-        except (SegmentNotFound, IncompatibleSegment) as exc:
-            # Not there, or (most likely) its creator is not done: no semaphore yet, or a
-            # header without its magic. Try to create it; if someone else is creating it,
-            # wait for them. A pair of names that stays half-made is reported at the end.
-            try:
-                return SharedMemorySessionCache.create(
-                    name,
-                    capacity=65536 if capacity is None else capacity,
-                    value_size=0 if value_size is None else value_size,
-                    **common,
-                )
-            except SegmentExists:
-                if time.monotonic() > deadline:
-                    raise exc from None
-                time.sleep(_RETRY_PAUSE)
-                continue
-        wanted = {"capacity": capacity, "value_size": value_size}
-        have = {"capacity": cache.capacity, "value_size": cache.value_size}
-        wrong = [
-            f"{k} {have[k]} (asked: {v})" for k, v in wanted.items() if v not in (None, have[k])
-        ]
-        if wrong:
-            cache.close()
-            raise InvalidArgument(
-                f"shared-memory segment {name!r} already exists with {', '.join(wrong)}: "
-                f"remove it while no process uses it (shmcache unlink {name}) or ask for "
-                "what it has"
-            )
-        return cache
+    # Processes starting together (uvicorn --workers) all land on the creator's segment.
+    cache = create_or_attach(
+        name,
+        65536 if capacity is None else capacity,
+        0 if value_size is None else value_size,
+        **common,
+    )
+    wanted = {"capacity": capacity, "value_size": value_size}
+    have = {"capacity": cache.capacity, "value_size": cache.value_size}
+    wrong = [
+        f"{k} {have[k]} (asked: {v})" for k, v in wanted.items() if v not in (None, have[k])
+    ]
+    if wrong:
+        cache.close()
+        raise InvalidArgument(
+            f"shared-memory segment {name!r} already exists with {', '.join(wrong)}: "
+            f"remove it while no process uses it (shmcache unlink {name}) or ask for "
+            "what it has"
+        )
+    return cache
 
 
 def _split_redis_url(url: str, ours: dict[str, type]) -> tuple[str, dict[str, Any]]:

@@ -46,6 +46,7 @@ from ._protocol import UserIdOf
 from .codecs import Codec
 from .shm.cache import SharedMemorySessionCache
 from .shm.segment import normalize_name, unlink_names
+from .shm.startup import attach_when_ready, create_or_attach
 
 log = logging.getLogger("shmcache.gunicorn")
 
@@ -115,9 +116,10 @@ def _open_in_master(name: str) -> SharedMemorySessionCache:
     except SegmentExists:
         pass
     # The name is taken: by the master we are replacing (USR2 binary upgrade, both run side
-    # by side for a while), or by a master that crashed. Share it if its layout is ours.
+    # by side for a while), by one starting at the same instant (wait until it has made
+    # the segment whole), or by a master that crashed. Share it if its layout is ours.
     try:
-        cache = SharedMemorySessionCache.attach(name, **options)
+        cache = attach_when_ready(name, **options)
     except (IncompatibleSegment, SegmentNotFound) as exc:
         # Another layout version, or half a pair of names left by a crash: never share
         # those. Take the name over; processes still mapping the old segment keep it.
@@ -214,19 +216,12 @@ def get_cache() -> SharedMemorySessionCache:
     with _guard:
         if _cache is not None and not _cache.closed:
             return _cache
-        name = _name()
-        options = _options()
-        try:
-            cache = SharedMemorySessionCache.attach(name, **options)
-        except SegmentNotFound:
-            try:
-                cache = SharedMemorySessionCache.create(
-                    name,
-                    _int_setting("capacity", ENV_CAPACITY, 65536),
-                    _int_setting("value_size", ENV_VALUE_SIZE, 0),
-                    **options,
-                )
-            except SegmentExists:  # another worker won the race: use theirs
-                cache = SharedMemorySessionCache.attach(name, **options)
+        # Spawned workers all start at once: one creates, the others wait for it.
+        cache = create_or_attach(
+            _name(),
+            _int_setting("capacity", ENV_CAPACITY, 65536),
+            _int_setting("value_size", ENV_VALUE_SIZE, 0),
+            **_options(),
+        )
         _cache = cache
         return cache

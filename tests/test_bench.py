@@ -123,8 +123,7 @@ def test_readme_section_replaces_only_the_performance_sections(
 
 
 def test_plots(smoke: tuple[dict[str, Any], str, Path], tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
-    from bench import plots
+    from bench import plots  # matplotlib comes with the test extra: missing is a failure
 
     written = plots.write_all(smoke[0], tmp_path)
     assert {p.name for p in written} == {"latency.png", "scaling.png", "table.png"}

@@ -41,8 +41,8 @@ Factory = Callable[..., Any]  # (clock, make_name, **options) -> cache
 
 
 def _redis(clock: Any, make_name: Callable[[], str], **options: Any) -> RedisSessionCache:
-    # A real redis-server (started once per session; skips, saying why, without one) and a
-    # prefix of the test's own, so tests never see each other's keys.
+    # A real Redis server (started once per session; fails, saying how to install one, without
+    # one) and a prefix of the test's own, so tests never see each other's keys.
     server = _redis_support.shared_server()
     return RedisSessionCache(server.url, prefix=make_name() + ":", clock=clock, **options)
 
@@ -55,7 +55,7 @@ BACKENDS: dict[str, Factory] = {
     ),
     # S is large here so that expiry is the TTL's; tests/test_tiered.py tests S itself.
     "shm+redis": lambda clock, make_name, **options: TieredSessionCache(
-        remote=_redis(clock, make_name),  # first: it skips without a redis-server
+        remote=_redis(clock, make_name),  # first: it fails without a Redis server
         local=SharedMemorySessionCache.create(
             make_name(), capacity=256, value_size=256, clock=clock
         ),

@@ -207,7 +207,7 @@ def test_user_id_of_reaches_every_backend(
     elif scheme == "shm":
         url = f"shm://{name}?capacity=64&value_size=128"
     else:
-        url = f"{_redis_support.shared_server().url}?prefix={prefix}"  # skips without one
+        url = f"{_redis_support.shared_server().url}?prefix={prefix}"  # fails without one
         if scheme == "shm+redis":
             url = f"shm+{url}&shm={name}&value_size=128&subscribe=false"
     cache = opened(url, user_id_of=lambda session: session["uid"])

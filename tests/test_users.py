@@ -186,7 +186,7 @@ def race(open_cache: Opener) -> Outcome:
 
 @pytest.fixture
 def redis_url() -> str:
-    return _redis_support.shared_server().url  # skips, saying why, without a redis-server
+    return _redis_support.shared_server().url  # fails, saying how to install one, without a server
 
 
 @pytest.fixture(params=[0, 256], ids=["hash", "value"])

@@ -17,6 +17,7 @@ import mmap
 import os
 import re
 import stat
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,7 @@ from .._errors import (
     SegmentNotFound,
     SegmentPermissionError,
 )
-from .layout import HEADER_SIZE
+from .layout import HEADER_SIZE, MAGIC, read_header
 
 SHM_DIR = "/dev/shm"
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,200}")
@@ -170,59 +171,22 @@ def _reserve(fd: int, size: int, name: str) -> None:
 
 
 def attach(name: str, *, owner_uid: int | None, allow_writable_by_others: bool) -> Segment:
-    """Open an existing segment and semaphore, refusing ones we must not trust."""
-    pname = "/" + name
+    """Open an existing segment and semaphore, refusing ones we must not trust.
+
+    Whatever is behind the name (a directory, a FIFO, an empty or foreign file, a symlink,
+    half a pair of names), the answer is a ``ShmCacheError`` saying what was found, never
+    an ``OSError`` or ``ValueError`` from posix_ipc: ``shmcache stats`` on a stray
+    directory in /dev/shm once showed a traceback.
+    """
+    path = segment_path(name)
+    _refuse_odd_file(path, "segment")  # before opening: shm_open of a directory is EINVAL
+    shm = _open_existing(name)
     try:
-        shm = posix_ipc.SharedMemory(pname)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:  # shm_open uses O_NOFOLLOW: a planted symlink
-            raise SegmentPermissionError(
-                f"refusing {segment_path(name)}: it is a symbolic link"
-            ) from None
-        raise
-    except posix_ipc.ExistentialError:
-        raise SegmentNotFound(
-            f"no shmcache segment named {name!r} ({segment_path(name)})"
-        ) from None
-    except posix_ipc.PermissionsError:
-        raise SegmentPermissionError(
-            f"no permission to open {segment_path(name)} (it belongs to another user?)"
-        ) from None
-    try:
-        st = os.fstat(shm.fd)
-        _check_trust(st, segment_path(name), owner_uid, allow_writable_by_others)
-        if st.st_size < HEADER_SIZE:
-            raise IncompatibleSegment(
-                f"segment {name!r} is {st.st_size} bytes: too small to be a shmcache segment"
-            )
-        try:
-            sem_st: os.stat_result | None = os.lstat(semaphore_path(name))
-        except OSError:
-            sem_st = None  # no /dev/shm/sem.* files on this platform
-        if sem_st is not None:
-            # Checked by path, then opened by name: /dev/shm is sticky, so once the name is
-            # ours (as checked) nobody else can rename or replace it in between.
-            _check_trust(sem_st, semaphore_path(name), owner_uid, allow_writable_by_others)
-        if sem_st is not None and stat.S_ISLNK(sem_st.st_mode):
-            raise SegmentPermissionError(
-                f"refusing {semaphore_path(name)}: it is a symbolic link"
-            )
-        try:
-            sem = posix_ipc.Semaphore(pname)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise SegmentPermissionError(
-                    f"refusing {semaphore_path(name)}: it is a symbolic link"
-                ) from None
-            raise
-        except posix_ipc.ExistentialError:
-            raise SegmentNotFound(
-                f"segment {name!r} exists but its semaphore {semaphore_path(name)} does not"
-            ) from None
-        except posix_ipc.PermissionsError:
-            raise SegmentPermissionError(
-                f"no permission to open semaphore {semaphore_path(name)}"
-            ) from None
+        st = os.fstat(shm.fd)  # what we opened, whatever the path names by now
+        _check_kind(st, path, "segment")
+        _check_trust(st, path, owner_uid, allow_writable_by_others)
+        _check_head(shm.fd, st.st_size, name)
+        sem = _open_semaphore(name, owner_uid, allow_writable_by_others)
     except BaseException:
         shm.close_fd()
         raise
@@ -233,6 +197,138 @@ def attach(name: str, *, owner_uid: int | None, allow_writable_by_others: bool) 
         shm.close_fd()
         raise
     return Segment(name, shm, sem, mm, st.st_ino)
+
+
+def creation_state(name: str) -> str:
+    """What a process that wants to create or attach ``name`` finds behind it.
+
+    ``"missing"``: no segment (create it). ``"making"``: a segment whose memory or header is
+    not there yet: ``create`` reserves the memory, then makes the semaphore, then writes the
+    header with its magic last, so this is a creator at work (or one that died at it: the
+    caller's patience decides). ``"other"``: anything else, which waiting will not change.
+    """
+    path = segment_path(name)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "missing"
+    except OSError:
+        return "other"
+    if not stat.S_ISREG(st.st_mode):
+        return "other"
+    if st.st_size < HEADER_SIZE:
+        return "making"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return "missing"  # its creator gave up and removed it
+    except OSError:
+        return "other"
+    try:
+        head = os.pread(fd, len(MAGIC), 0)
+    finally:
+        os.close(fd)
+    return "making" if head == bytes(len(MAGIC)) else "other"
+
+
+def _describe(mode: int) -> str:
+    for test, what in (
+        (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def _refuse_odd_file(path: str, what: str) -> None:
+    """Name the problem before posix_ipc turns it into a bare ``ValueError``/``OSError``."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return  # missing (opening says so), or no /dev/shm to look at (not Linux)
+    if stat.S_ISLNK(st.st_mode):
+        raise SegmentPermissionError(f"refusing {path}: it is a symbolic link")
+    _check_kind(st, path, what)
+
+
+def _check_kind(st: os.stat_result, path: str, what: str) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise IncompatibleSegment(
+            f"{path} is {_describe(st.st_mode)}, not a shmcache {what}"
+        )
+
+
+def _open_existing(name: str) -> Any:
+    path = segment_path(name)
+    try:
+        return posix_ipc.SharedMemory("/" + name)
+    except posix_ipc.ExistentialError:
+        raise SegmentNotFound(f"no shmcache segment named {name!r} ({path})") from None
+    except posix_ipc.PermissionsError:
+        raise SegmentPermissionError(
+            f"no permission to open {path} (it belongs to another user?)"
+        ) from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # shm_open uses O_NOFOLLOW: a planted symlink
+            raise SegmentPermissionError(f"refusing {path}: it is a symbolic link") from None
+        raise IncompatibleSegment(f"cannot open {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # posix_ipc's EINVAL: the name was swapped for a directory
+        raise IncompatibleSegment(f"cannot open {path} as a segment: {exc}") from None
+
+
+def _check_head(fd: int, size: int, name: str) -> None:
+    """Validate the header before looking for the semaphore, so a foreign file is called
+    foreign (not a segment "whose semaphore is missing"). Only the format's own check
+    (``layout.read_header``) is used: this layer still knows nothing of the table."""
+    try:
+        read_header(os.pread(fd, HEADER_SIZE, 0), size)
+    except IncompatibleSegment as exc:
+        raise IncompatibleSegment(f"{segment_path(name)}: {exc}") from None
+
+
+# What glibc's sem_open writes (sizeof(sem_t)): a shorter file would be mapped past its end,
+# and the first sem_wait would die of SIGBUS.
+_SEM_FILE_SIZE = 32 if sys.maxsize > 2**32 else 16
+
+
+def _open_semaphore(name: str, owner_uid: int | None, allow_writable_by_others: bool) -> Any:
+    path = semaphore_path(name)
+    try:
+        sem_st: os.stat_result | None = os.lstat(path)
+    except FileNotFoundError:
+        raise SegmentNotFound(
+            f"segment {name!r} exists but its semaphore {path} does not (its creator is "
+            "still making it, or died doing so)"
+        ) from None
+    except OSError:
+        sem_st = None  # no /dev/shm/sem.* files on this platform
+    if sem_st is not None:
+        # Checked by path, then opened by name: /dev/shm is sticky, so once the name is
+        # ours (as checked) nobody else can rename or replace it in between.
+        if stat.S_ISLNK(sem_st.st_mode):
+            raise SegmentPermissionError(f"refusing {path}: it is a symbolic link")
+        _check_trust(sem_st, path, owner_uid, allow_writable_by_others)
+        _check_kind(sem_st, path, "semaphore")
+        if sys.platform.startswith("linux") and sem_st.st_size != _SEM_FILE_SIZE:
+            raise IncompatibleSegment(
+                f"{path} is {sem_st.st_size} bytes, not a semaphore ({_SEM_FILE_SIZE})"
+            )
+    try:
+        return posix_ipc.Semaphore("/" + name)
+    except posix_ipc.ExistentialError:
+        raise SegmentNotFound(
+            f"segment {name!r} exists but its semaphore {path} does not"
+        ) from None
+    except posix_ipc.PermissionsError:
+        raise SegmentPermissionError(f"no permission to open semaphore {path}") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SegmentPermissionError(f"refusing {path}: it is a symbolic link") from None
+        raise IncompatibleSegment(f"cannot open semaphore {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise IncompatibleSegment(f"cannot open semaphore {path}: {exc}") from None
 
 
 def _check_trust(

@@ -1,0 +1,127 @@
+"""Whatever sits behind a name in /dev/shm, ``attach`` answers with a ``ShmCacheError`` that
+says what it found (issue 12: a directory gave posix_ipc's bare ``ValueError``, an empty
+semaphore file would have been mapped and died of SIGBUS at the first lock)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from shmcache import (
+    IncompatibleSegment,
+    SegmentExists,
+    SegmentNotFound,
+    SegmentPermissionError,
+    SharedMemorySessionCache,
+    ShmCacheError,
+    open_cache,
+)
+from shmcache.shm import startup
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        os.rmdir(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+@pytest.fixture
+def paths(segment_name: str) -> Iterator[tuple[str, str]]:
+    seg, sem = f"/dev/shm/{segment_name}", f"/dev/shm/sem.{segment_name}"
+    yield seg, sem
+    for path in (seg, sem):
+        _remove(path)
+
+
+def _unix_socket(path: str) -> None:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(path)
+
+
+def _write(data: bytes) -> Callable[[str], None]:
+    def make(path: str) -> None:
+        with open(path, "wb") as f:
+            f.write(data)
+
+    return make
+
+
+SEGMENTS: list[tuple[str, Callable[[str], None], type[ShmCacheError], str]] = [
+    ("directory", os.mkdir, IncompatibleSegment, "is a directory"),
+    ("fifo", os.mkfifo, IncompatibleSegment, "is a FIFO"),
+    ("socket", _unix_socket, IncompatibleSegment, "is a socket"),
+    ("empty", _write(b""), IncompatibleSegment, "0 bytes"),
+    ("random", _write(os.urandom(8192)), IncompatibleSegment, "not a shmcache segment"),
+    ("magic only", _write(b"SHMCACHE" + bytes(8192)), IncompatibleSegment, "layout version 0"),
+    ("no header yet", _write(bytes(8192)), IncompatibleSegment, "not initialised"),
+    ("symlink", lambda p: os.symlink("/etc/passwd", p), SegmentPermissionError, "symbolic link"),
+    ("dangling symlink", lambda p: os.symlink("/nowhere", p), SegmentPermissionError,
+     "symbolic link"),
+]
+
+
+@pytest.mark.parametrize(("make", "error", "message"), [s[1:] for s in SEGMENTS],
+                         ids=[s[0] for s in SEGMENTS])
+def test_odd_segment_files_are_refused_with_a_shmcache_error(
+    paths: tuple[str, str], segment_name: str, make: Callable[[str], None],
+    error: type[ShmCacheError], message: str,
+) -> None:
+    make(paths[0])
+    with pytest.raises(error, match=message):
+        SharedMemorySessionCache.attach(segment_name)
+    assert os.path.lexists(paths[0])  # refused, not touched
+
+
+SEMAPHORES: list[tuple[str, Callable[[str], None], type[ShmCacheError], str]] = [
+    ("missing", lambda p: None, SegmentNotFound, "semaphore .* does not"),
+    ("directory", os.mkdir, IncompatibleSegment, "is a directory"),
+    ("fifo", os.mkfifo, IncompatibleSegment, "is a FIFO"),
+    ("empty", _write(b""), IncompatibleSegment, "0 bytes, not a semaphore"),
+    ("symlink", lambda p: os.symlink("/etc/passwd", p), SegmentPermissionError, "symbolic link"),
+]
+
+
+@pytest.mark.parametrize(("make", "error", "message"), [s[1:] for s in SEMAPHORES],
+                         ids=[s[0] for s in SEMAPHORES])
+def test_odd_semaphore_files_are_refused_with_a_shmcache_error(
+    paths: tuple[str, str], segment_name: str, make: Callable[[str], None],
+    error: type[ShmCacheError], message: str,
+) -> None:
+    with SharedMemorySessionCache.create(segment_name, capacity=64) as cache:
+        with open(paths[0], "rb") as f:
+            whole = f.read()
+        cache.unlink()
+    _write(whole)(paths[0])  # a whole segment, owner-only, beside an odd semaphore
+    os.chmod(paths[0], 0o600)
+    make(paths[1])
+    with pytest.raises(error, match=message):
+        SharedMemorySessionCache.attach(segment_name)
+
+
+def test_create_or_attach_refuses_a_foreign_file_at_once(
+    paths: tuple[str, str], segment_name: str
+) -> None:
+    """Only a segment being made is worth waiting for: a foreign file is the attach error
+    itself, not a ``SegmentExists`` after the creation patience ran out."""
+    _write(os.urandom(8192))(paths[0])
+    with pytest.raises(IncompatibleSegment, match="not a shmcache segment"):
+        startup.create_or_attach(segment_name, 64, 0)
+    with pytest.raises(IncompatibleSegment, match="not a shmcache segment"):
+        open_cache(f"shm://{segment_name}")
+
+
+def test_a_half_made_segment_is_waited_for_then_reported(
+    paths: tuple[str, str], segment_name: str
+) -> None:
+    """A creator that died after reserving the memory: waited for (it could be at work),
+    then reported, and left in place for `shmcache unlink --force`."""
+    _write(bytes(8192))(paths[0])
+    with pytest.raises((IncompatibleSegment, SegmentExists)):
+        startup.create_or_attach(segment_name, 64, 0, patience=0.05)
+    with pytest.raises(IncompatibleSegment, match="not initialised"):
+        startup.attach_when_ready(segment_name, patience=0.05)
+    assert os.path.getsize(paths[0]) == 8192
