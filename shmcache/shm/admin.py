@@ -162,6 +162,7 @@ class SegmentAdmin:
                 problem = self._table.slot_problem(slot) or self._table.duplicate_problem(slot)
                 if problem is not None and problem not in problems:
                     problems.append(problem)
+            self._words[W_WRITING] = 0  # every holder clears it (lock.py)
         finally:
             lock.release()
         return problems
@@ -222,6 +223,7 @@ class SegmentAdmin:
                 rec = self._counter_rec  # another thread of this process may have claimed
                 if rec == -2:
                     rec = self._counters.claim_locked(_proc.my_word(), self._object_id)
+                self._words[W_WRITING] = 0
             except ShmCacheError:
                 pass  # a live holder past lock_timeout: the figures stay local, retry later
             finally:

@@ -468,6 +468,7 @@ class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
             try:
                 lock.acquire()
                 self._counters.release_locked(self._counter_rec, self._object_id)
+                self._words[W_WRITING] = 0
             except ShmCacheError:
                 pass  # the record is reclaimed once this process is gone
             finally:

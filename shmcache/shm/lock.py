@@ -19,6 +19,7 @@ handler can surface at any call boundary::
     try:
         gen = lock.acquire()     # inside the try: a hold taken is always released
         ... write ...
+        words[W_WRITING] = 0     # last statement of the try: the write is complete
     finally:
         lock.release()           # first statement: one C call, no Python frame
 
