@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .._errors import InvalidArgument, SegmentNotFound, ShmCacheError
+from ..codecs import JsonCodec
 from ..shm import segment as _segment
 from ..shm.cache import SharedMemorySessionCache
 from ..shm.layout import HEADER, MAGIC
@@ -63,8 +64,11 @@ def _mode(value: str) -> int:
 
 
 def _attach(args: argparse.Namespace) -> SharedMemorySessionCache:
+    # Admin commands never decode a value; naming a codec keeps the default-pickle refusal
+    # (for segments others can write) from refusing a look at them.
     return SharedMemorySessionCache.attach(
-        args.name, owner_uid=args.owner, allow_writable_by_others=args.allow_writable_by_others
+        args.name, owner_uid=args.owner, allow_writable_by_others=args.allow_writable_by_others,
+        codec=JsonCodec(),
     )
 
 
