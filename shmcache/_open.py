@@ -39,6 +39,7 @@ from .memory import InMemorySessionCache, NoOpSessionCache
 from .redis.cache import RedisSessionCache
 from .redis.client import redact, redis_py_url_params
 from .shm.cache import SharedMemorySessionCache
+from .sql.urls import OPENERS as _SQL_OPENERS
 from .tiered import TieredSessionCache
 
 # How long to wait for a segment that another process is creating (it reserves all its
@@ -161,6 +162,7 @@ _OPENERS: dict[str, Callable[[str, dict[str, Any]], SessionCache]] = {
     "shm+redis": _open_tiered,
     "shm+rediss": _open_tiered,
     "shm+unix": _open_tiered,
+    **_SQL_OPENERS,  # sqlite://, postgresql://, postgres://, shm+postgresql:// (issue 14)
 }
 _SCHEMES_HELP = "use one of " + ", ".join(f"{s}://" for s in _OPENERS)
 
