@@ -16,9 +16,9 @@ from typing import Any
 
 import _redis_support
 import pytest
-from sql import _pg_support
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sql import _pg_support
 
 from shmcache import (
     CacheClosed,

@@ -331,8 +331,9 @@ class DatabaseSessionCache(RemoteSessionCache):
             return fn()
         except self._store.errors as exc:
             self._unavailable += 1
+            detail = " ".join(str(exc).split())  # libpq's messages span lines
             raise CacheUnavailable(
-                f"{self._store.dialect} {op} failed: {type(exc).__name__}: {exc}".strip()
+                f"{self._store.dialect} {op} failed: {type(exc).__name__}: {detail}"
             ) from exc
 
     def _run(self, op: str, fn: Callable[[Secret, bytes], T]) -> T:

@@ -15,8 +15,9 @@ tokens or sessions. psycopg 3 and psycopg_pool are an optional extra
   in each process (after a fork, the child makes its own and never touches the parent's),
   or, with ``connect=``, connections from your callable. Threads share the pool.
 - ``timeout`` bounds the wait for a connection (and the connect itself) and is the
-  server-side ``statement_timeout`` of each statement (lock waits included); admin
-  statements (``clear``, ``purge``, ``check``, ``stats``) get ``max(timeout, 60 s)``.
+  server-side ``statement_timeout`` and ``lock_timeout`` of each statement; statements
+  that touch the whole table (``clear``, ``purge``, ``check``, ``stats``) may run for
+  ``max(timeout, 60 s)``, but wait for a lock no longer than ``timeout`` either.
   A pooled connection that the server closed (a restart) fails once and is replaced: the
   call is retried once on a fresh connection.
 - The clock: the server's ``statement_timestamp()`` in ms (one clock for every host),
@@ -92,14 +93,18 @@ class PostgresStore(SqlStore):
             if "application_name" not in given:
                 self._kwargs["application_name"] = "shmcache"
         self._pool: Any = None
+        self._pool_timeout: type[Exception] = Exception  # psycopg_pool.PoolTimeout, once imported
+        self._connect_error: BaseException | None = None
         self._local: LocalPool[Any] | None = None
 
     # -- connections ---------------------------------------------------------------------
 
     def _configure(self, conn: Any) -> None:
+        ms = str(max(1, round(self.timeout * 1000)))
         conn.execute(
-            "SELECT set_config('statement_timeout', %s, false)",
-            (str(max(1, round(self.timeout * 1000))),),
+            "SELECT set_config('statement_timeout', %s, false), "
+            "set_config('lock_timeout', %s, false)",
+            (ms, ms),
         )
 
     def _open(self) -> Any:
@@ -132,15 +137,39 @@ class PostgresStore(SqlStore):
                 yield conn
             return
         if self._pool is None:
-            from psycopg_pool import ConnectionPool
+            self._pool = self._new_pool()
+        try:
+            with self._pool.connection(timeout=self.timeout) as conn:
+                yield conn
+        except self._pool_timeout as exc:
+            # The pool says only that it waited; the reason is the last connect error.
+            raise self._pool_timeout(f"{exc} (last attempt: {self._connect_error})") from exc
 
-            self._pool = ConnectionPool(
-                self._url or "", kwargs=self._kwargs, min_size=1, max_size=POOL_MAX,
-                timeout=self.timeout, configure=self._configure, open=True,
-                num_workers=1, name=f"shmcache-{self.table}",
-            )
-        with self._pool.connection(timeout=self.timeout) as conn:
-            yield conn
+    def _new_pool(self) -> Any:
+        from psycopg_pool import ConnectionPool, PoolTimeout
+
+        store = self
+        self._pool_timeout = PoolTimeout
+
+        class Connection(self._psycopg.Connection):  # type: ignore[misc,name-defined]
+            @classmethod
+            def connect(cls, *args: Any, **kwargs: Any) -> Any:
+                try:
+                    return super().connect(*args, **kwargs)
+                except Exception as exc:
+                    store._connect_error = exc
+                    raise
+
+        # reconnect_timeout: after failing for that long the pool stops retrying in the
+        # background, and the next call that needs a connection tries again at once (its
+        # default, 5 minutes of exponential backoff, would keep a restarted server unused
+        # for up to minutes).
+        return ConnectionPool(
+            self._url or "", connection_class=Connection, kwargs=self._kwargs,
+            min_size=1, max_size=POOL_MAX, timeout=self.timeout,
+            reconnect_timeout=max(self.timeout, 1.0), configure=self._configure,
+            open=True, num_workers=1, name=f"shmcache-{self.table}",
+        )
 
     def _with_connection(self, fn: Callable[[Any], Any]) -> Any:
         for attempt in range(2):
@@ -151,10 +180,13 @@ class PostgresStore(SqlStore):
                     return fn(conn)
             except self._psycopg.OperationalError:
                 # A pooled connection the server has closed since (a restart) fails once:
-                # the pool drops it and the call runs again on a fresh one. Every
-                # operation is one idempotent statement, so running it twice is safe.
+                # the pool drops it, checks the others it holds (as old as this one), and
+                # the call runs again on a fresh one. Every operation is one idempotent
+                # statement, so running it twice is safe.
                 if attempt or not used or not used[0].broken:
                     raise
+                if self._pool is not None:
+                    self._pool.check()
         raise AssertionError("unreachable")
 
     def forget_connections(self) -> None:
@@ -174,7 +206,8 @@ class PostgresStore(SqlStore):
 
     @contextlib.contextmanager
     def _admin(self, conn: Any) -> Iterator[None]:
-        """A transaction whose statements may take ``max(timeout, ADMIN_TIMEOUT)``."""
+        """A transaction whose statements may take ``max(timeout, ADMIN_TIMEOUT)``, but
+        wait no longer than ``timeout`` for a lock (``lock_timeout``)."""
         ms = round(max(self.timeout, ADMIN_TIMEOUT) * 1000)
         with conn.transaction():
             conn.execute("SELECT set_config('statement_timeout', %s, true)", (str(ms),))
@@ -190,7 +223,13 @@ class PostgresStore(SqlStore):
     def create_schema(self, conn: Any) -> None:
         t = self.table
         kind = "UNLOGGED TABLE" if self.unlogged else "TABLE"
-        with self._admin(conn):
+        found = conn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL",
+            (t, self.meta),
+        ).fetchone()
+        if found[0]:
+            return  # no DDL, so no lock: a process starting while the table is busy starts
+        with conn.transaction():
             # CREATE ... IF NOT EXISTS races with itself (a unique violation in pg_type):
             # processes starting together take turns.
             conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("shmcache:" + t,))

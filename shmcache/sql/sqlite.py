@@ -126,6 +126,12 @@ class SqliteStore(SqlStore):
 
     def create_schema(self, conn: sqlite3.Connection) -> None:
         t = self.table
+        (found,) = conn.execute(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN (?, ?)",
+            (t, self.meta),
+        ).fetchone()
+        if found == 2:
+            return  # no write transaction: a process starting while a writer waits starts
         with self._write(conn):
             conn.execute(
                 f"CREATE TABLE IF NOT EXISTS {t} (key BLOB PRIMARY KEY, owner BLOB, "

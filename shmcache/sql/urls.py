@@ -18,6 +18,7 @@ PostgreSQL) in the query string; ``DatabaseSessionCache(url)`` takes them as arg
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urlencode, urlsplit
@@ -110,6 +111,12 @@ def make_store(
 
 def _hint(url: str) -> str:
     """``url`` if libpq accepts it; else ``InvalidArgument`` saying where ours go."""
+    hosts = urlsplit(url).netloc.rpartition("@")[2]
+    for host in hosts.split(","):  # libpq takes host1:port1,host2:port2
+        match = re.fullmatch(r"(\[[^\]]*\]|[^:]*)(?::(.*))?", host)
+        port = match.group(2) if match else None
+        if port and not port.isdigit():
+            raise InvalidArgument(f"{redact(url)!r}: port {port!r} is not a number")
     for key, _ in _open._pairs(url):
         if key in _PG_PARAMS:
             raise InvalidArgument(
