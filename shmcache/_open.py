@@ -36,6 +36,7 @@ from .redis.cache import RedisSessionCache
 from .redis.client import redact, redis_py_url_params
 from .shm.cache import SharedMemorySessionCache
 from .shm.startup import create_or_attach
+from .sql.urls import OPENERS as _SQL_OPENERS
 from .tiered import TieredSessionCache
 
 _SHM_PARAMS = {"capacity": int, "value_size": int, "lock_timeout": float}
@@ -154,6 +155,7 @@ _OPENERS: dict[str, Callable[[str, dict[str, Any]], SessionCache]] = {
     "shm+redis": _open_tiered,
     "shm+rediss": _open_tiered,
     "shm+unix": _open_tiered,
+    **_SQL_OPENERS,  # sqlite://, postgresql://, postgres://, shm+postgresql:// (issue 14)
 }
 _SCHEMES_HELP = "use one of " + ", ".join(f"{s}://" for s in _OPENERS)
 

@@ -40,7 +40,7 @@ from . import _args
 from ._closing import ClosesOnExit
 from ._errors import CacheUnavailable, InvalidArgument, InvalidType
 from ._protocol import SessionCache, UserIdOf, UserSessionCache
-from .redis.cache import RedisSessionCache
+from ._remote import RemoteTier
 
 log = logging.getLogger("shmcache.tiered")
 
@@ -90,7 +90,7 @@ class TieredSessionCache(ClosesOnExit):
     def __init__(
         self,
         local: SessionCache,
-        remote: RedisSessionCache,
+        remote: RemoteTier,
         *,
         max_staleness: float = 1.0,
         subscribe: bool = True,
@@ -99,9 +99,10 @@ class TieredSessionCache(ClosesOnExit):
     ) -> None:
         if not isinstance(local, SessionCache):
             raise InvalidArgument(f"local must be a SessionCache, got {type(local).__name__}")
-        if not isinstance(remote, RedisSessionCache):
+        if not isinstance(remote, RemoteTier):
             raise InvalidArgument(
-                f"remote must be a RedisSessionCache, got {type(remote).__name__}"
+                "remote must be a RedisSessionCache or a DatabaseSessionCache (PostgreSQL), "
+                f"got {type(remote).__name__}"
             )
         if not isinstance(subscribe, bool):
             raise InvalidArgument(f"subscribe must be True or False, got {subscribe!r}")

@@ -16,6 +16,7 @@ from _redis_support import (  # noqa: F401  (fixtures of the Redis tests, offere
     redis_raw,
     redis_server,
 )
+from sql._pg_support import own_pg, pg_server, pg_table, sqlite_file  # noqa: F401  (fixtures)
 
 from shmcache import SharedMemorySessionCache
 

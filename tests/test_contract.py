@@ -18,6 +18,7 @@ import _redis_support
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sql import _pg_support
 
 from shmcache import (
     CacheClosed,
@@ -56,6 +57,21 @@ BACKENDS: dict[str, Factory] = {
     # S is large here so that expiry is the TTL's; tests/test_tiered.py tests S itself.
     "shm+redis": lambda clock, make_name, **options: TieredSessionCache(
         remote=_redis(clock, make_name),  # first: it fails without a Redis server
+        local=SharedMemorySessionCache.create(
+            make_name(), capacity=256, value_size=256, clock=clock
+        ),
+        max_staleness=3600,
+        subscribe=False,
+        clock=clock,
+        **options,
+    ),
+    "sqlite": _pg_support.sqlite_cache,
+    "postgresql": _pg_support.pg_cache,
+    "postgresql-secret": lambda clock, make_name, **options: _pg_support.pg_cache(
+        clock, make_name, secret=b"contract-suite-secret-0123456789", **options
+    ),
+    "shm+postgresql": lambda clock, make_name, **options: TieredSessionCache(
+        remote=_pg_support.pg_cache(clock, make_name),
         local=SharedMemorySessionCache.create(
             make_name(), capacity=256, value_size=256, clock=clock
         ),

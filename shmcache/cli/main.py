@@ -24,6 +24,7 @@ from ..codecs import JsonCodec
 from ..shm import segment as _segment
 from ..shm.cache import SharedMemorySessionCache
 from ..shm.layout import HEADER, MAGIC
+from ..sql import admin as _sql_admin
 
 
 class CommandError(Exception):
@@ -266,7 +267,8 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(fn=fn)
         if segment:
-            p.add_argument("name", metavar="NAME", help="segment name, as in /dev/shm/NAME")
+            p.add_argument("name", metavar="NAME", help="segment name, as in /dev/shm/NAME, "
+                           "or a database URL (stats, reset, revoke-user, purge, check)")
         return p
 
     attach_commands = []
@@ -307,6 +309,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if _sql_admin.is_url(getattr(args, "name", None)):  # a database (issue 14)
+            return _sql_admin.run(args)
         return int(args.fn(args))
     except CommandError as exc:
         print(f"shmcache: {exc}", file=sys.stderr)
