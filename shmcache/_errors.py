@@ -44,6 +44,12 @@ class IncompatibleSegment(ShmCacheError):
     """
 
 
+class SecretMismatch(IncompatibleSegment):
+    """A Redis prefix is already in use with another secret (its stored fingerprint is not
+    this client's): hosts that share a prefix must share the secret, or a logout on one
+    would not reach the others. The message names the prefix, never a secret."""
+
+
 class SegmentCorrupted(ShmCacheError):
     """A write found the segment damaged; ``check()`` says where."""
 
@@ -77,6 +83,7 @@ __all__ = [
     "InvalidType",
     "LockTimeout",
     "NoSpace",
+    "SecretMismatch",
     "SegmentCorrupted",
     "SegmentExists",
     "SegmentNotFound",
