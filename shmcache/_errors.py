@@ -74,6 +74,8 @@ class CacheUnavailable(ShmCacheError, ConnectionError):
     that did not reach the server must never be reported as done.
     """
 
+    code: str = ""  # the server's error code if it refused ("READONLY"...); "": no reply
+
 
 __all__ = [
     "CacheClosed",

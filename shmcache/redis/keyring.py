@@ -21,10 +21,10 @@ import threading
 from collections.abc import Callable
 from typing import NoReturn
 
-from .._errors import InvalidArgument, SecretMismatch
+from .._errors import CacheUnavailable, InvalidArgument, SecretMismatch
 from . import scripts
 from .keys import Keys
-from .link import Link, Unavailable
+from .link import Link
 from .secret import FIXED, SHARED, Secret, derive
 
 _FOREIGN = "FOREIGN"  # the code of the CacheUnavailable raised for a key that is not ours
@@ -77,7 +77,7 @@ class Keyring:
                 )
                 if reply[0] != scripts.OK:
                     self.refused(self._fixed, reply[1])
-        except Unavailable as exc:
+        except CacheUnavailable as exc:
             if exc.code == "READONLY":
                 raise InvalidArgument(
                     "the client's server is a read-only replica; a cache writes on every "

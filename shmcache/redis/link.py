@@ -39,15 +39,6 @@ _CODES = {
 }
 
 
-class Unavailable(CacheUnavailable):
-    """``CacheUnavailable`` with the server's error code, if the server refused (``code``
-    is ``"READONLY"`` for a replica, say; empty for a transport failure)."""
-
-    def __init__(self, message: str, code: str = "") -> None:
-        super().__init__(message)
-        self.code = code
-
-
 def reply_code(reply: BaseException) -> str:
     """The error code of a server reply (``NOSCRIPT``, ``MOVED``...): its first word, or
     the code the client library's class stands for if it stripped the word."""
@@ -95,9 +86,12 @@ class Link:
             self._refresh = True
             raise self.unavailable(f"Redis {op} failed: {type(exc).__name__}: {exc}") from exc
 
-    def unavailable(self, message: str, code: str = "") -> Unavailable:
+    def unavailable(self, message: str, code: str = "") -> CacheUnavailable:
+        """A ``CacheUnavailable`` to raise (counted), with the server's error ``code``."""
         self.failures += 1
-        return Unavailable(message, code)
+        exc = CacheUnavailable(message)
+        exc.code = code
+        return exc
 
     def run(
         self,

@@ -11,6 +11,7 @@ generous timeout instead of hanging the suite.
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import subprocess
@@ -237,31 +238,49 @@ def test_values_cannot_be_forged_or_moved(
         assert cache.stats()["decode_errors"] >= 6
 
 
-def test_client_object(redis_server: _redis_support.RedisServer, redis_prefix: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(redis_server.url, socket_timeout=TIMEOUT)
+@pytest.mark.parametrize("library", ["redis", "valkey"])
+def test_client_object(
+    redis_server: _redis_support.RedisServer, redis_prefix: str, library: str
+) -> None:
+    """A client object of either library (redis-py's ``Redis``, valkey-py's ``Valkey``)."""
+    lib = importlib.import_module(library)
+    make = getattr(lib, "Valkey", None) or lib.Redis
+    where = {"host": "127.0.0.1", "port": redis_server.port}
+    client = make(socket_timeout=TIMEOUT, **where)
     with RedisSessionCache(client, prefix=redis_prefix) as cache:
-        cache.set("tok", "s", 60)
+        cache.set("tok", "s", 60, user_id="u")
         assert cache.get("tok") == "s"
+        cache.invalidate("tok")
+        cache.set("tok", "s", 60, user_id="u")
+        assert cache.invalidate_by_user("u") == 1
     assert client.ping()  # closing the cache left the caller's client alone
     client.close()
-    decoding = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    decoding = make(decode_responses=True, **where)
     with pytest.raises(InvalidArgument, match="decode_responses"):
         RedisSessionCache(decoding)
     decoding.close()
     with pytest.raises(InvalidArgument, match="timeout"):
-        RedisSessionCache(redis.Redis.from_url(redis_server.url), timeout=1.0)
+        RedisSessionCache(make(**where), timeout=1.0)
     with pytest.raises(InvalidType):
         RedisSessionCache(42)
-    for bad in ({"prefix": ""}, {"secret": b"short"}, {"fail_open": "yes"}, {"timeout": 0}):
+    for bad in (
+        {"prefix": ""},
+        {"prefix": "a{b}:"},  # braces are the cluster hash tag's
+        {"secret": b"short"},
+        {"fail_open": "yes"},
+        {"timeout": 0},
+        {"min_replicas": -1},
+        {"min_replicas": True},
+        {"replica_timeout": 0},
+        {"replica_timeout": 1.0},  # WAIT would outlast the socket timeout (1 s)
+    ):
         with pytest.raises(InvalidArgument):
             RedisSessionCache(redis_server.url, **bad)
     for url in (
         redis_server.url + "?timeout=1",
         redis_server.url + "?prefix=p:",
     ):  # open_cache's, not ours
-        with pytest.raises(InvalidArgument, match="not a redis-py connection option"):
+        with pytest.raises(InvalidArgument, match="not a (redis|valkey)-py connection option"):
             RedisSessionCache(url)
 
 
