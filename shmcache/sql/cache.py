@@ -106,7 +106,7 @@ class DatabaseSessionCache(RemoteSessionCache):
             raw = secret.encode() if isinstance(secret, str) else secret
             if not isinstance(raw, bytes) or len(raw) < 16:
                 raise InvalidArgument("secret must be bytes or str of at least 16 bytes")
-            self._fixed = derive(raw)
+            self._fixed = derive(raw, shared=False)
         if codec is None:
             codec = JsonCodec() if secret is None else PickleCodec()
         elif not (callable(getattr(codec, "encode", None))
@@ -390,7 +390,7 @@ class DatabaseSessionCache(RemoteSessionCache):
         if fingerprint(raw) != fp:
             raise CacheUnavailable(f"{store.meta}: the stored secret does not match its "
                                    "fingerprint (the row was damaged)")
-        return derive(raw), fp
+        return derive(raw, shared=True), fp
 
     def _known_secret(self) -> Secret | None:
         active = self._active

@@ -437,6 +437,13 @@ class Listener:
                 )
         return self._pending.popleft() if self._pending else None
 
+    def ping(self) -> None:
+        """The tiered cache's heartbeat: a round trip on the LISTEN connection (a closed
+        one raises), answered like redis-py's PubSub answers PING, with a "pong" message."""
+        if self._conn is not None:
+            self._conn.execute("SELECT 1")
+            self._pending.append({"type": "pong", "channel": None, "data": b""})
+
     def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
