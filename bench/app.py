@@ -259,7 +259,8 @@ def _combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "counted": t, "accepted": accepted,
         "socket_errors": sum(r["socket_errors"] for r in rounds),
         "stale": {k: (max if k == "longest_ms" else sum)(r["stale"][k] for r in rounds)
-                  for k in ("logouts", "accepted_after_logout", "users", "longest_ms")},
+                  for k in ("logouts", "accepted_after_logout", "users", "longest_ms",
+                            "overlapping_validations")},
         "logout_failures": sum(len(r["stale"]["failed"]) for r in rounds),
         "per_worker": rounds[-1]["per_worker"],
         "rounds": rounds,

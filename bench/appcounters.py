@@ -7,11 +7,14 @@ gives it (``BENCH_STATE``), named by its pid, so no two processes ever write one
   place through ``mmap`` (the driver sees every increment at once, with no endpoint to
   reach: gunicorn hands a connection to whichever worker accepts it, so asking each worker
   over HTTP is a lottery);
-* ``accepts-PID.log``: one line ``USER_ID MONOTONIC_NS`` per request of a *watched* user
-  (one the driver will log out) that the app accepted, the time taken *before* the
-  cache lookup. ``CLOCK_MONOTONIC`` is one clock for every process of the host, so a line
-  whose time is later than the instant the logout returned is, without doubt, a request
-  accepted after the logout.
+* ``accepts-PID.log``: one line ``USER_ID START_NS END_NS HOW`` per request of a
+  *watched* user (one the driver will log out) that the app accepted: ``START_NS`` taken
+  *before* the cache lookup, ``END_NS`` after it (and after the ``set``), ``HOW`` ``h``
+  (a cache hit) or ``v`` (validated against the database, then ``set``).
+  ``CLOCK_MONOTONIC`` is one clock for every process of the host, so a line that starts
+  after the instant the logout returned is, without doubt, a request accepted after the
+  logout; a ``v`` line that starts before it and ends after it is a validation that
+  overlapped the logout (its ``set`` may have landed after the ``invalidate``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import mmap
 import os
 import struct
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +70,11 @@ class WorkerCounters:
                 self._values[INDEX[name]] += 1
             _FORMAT.pack_into(self._map, 0, *self._values)
 
-    def accepted(self, user_id: int, before_lookup_ns: int) -> None:
+    def accepted(self, user_id: int, before_lookup_ns: int, validated: bool) -> None:
         if user_id in self.watched:
-            os.write(self._log, f"{user_id} {before_lookup_ns}\n".encode())
+            line = (f"{user_id} {before_lookup_ns} {time.monotonic_ns()} "
+                    f"{'v' if validated else 'h'}\n")
+            os.write(self._log, line.encode())
 
 
 def read_counters(state_dir: str | Path) -> dict[int, dict[str, int]]:
@@ -96,30 +102,41 @@ def total(per_worker: dict[int, dict[str, int]]) -> dict[str, int]:
     return {k: sum(c[k] for c in per_worker.values()) for k in FIELDS}
 
 
-def read_accepts(state_dir: str | Path) -> list[tuple[int, int]]:
-    """Every logged acceptance of a watched user: ``(user_id, monotonic_ns)``."""
+Accept = tuple[int, int, int, bool]  # user, start ns, end ns, validated
+
+
+def read_accepts(state_dir: str | Path) -> list[Accept]:
+    """Every logged acceptance of a watched user."""
     out = []
     for path in Path(state_dir).glob("accepts-*.log"):
         for line in path.read_text().splitlines():
-            user, _, t = line.partition(" ")
-            if t:
-                out.append((int(user), int(t)))
+            parts = line.split()
+            if len(parts) == 4:  # a line being written has no end yet
+                out.append((int(parts[0]), int(parts[1]), int(parts[2]), parts[3] == "v"))
     return out
 
 
-def stale_acceptances(accepts: list[tuple[int, int]], logged_out: dict[int, int],
+def stale_acceptances(accepts: list[Accept], logged_out: dict[int, int],
                       until_ns: int) -> dict[str, Any]:
-    """Requests accepted after their logout returned: lookup started after the logout's
-    ``done`` instant and before ``until_ns`` (the end of the round)."""
+    """Requests accepted after their logout returned (lookup started after the logout's
+    ``done`` instant and before ``until_ns``, the end of the round), and validations that
+    overlapped a logout (began before it returned, ended after it): each may have cached
+    the session after the logout's ``invalidate``, the race of issue 11."""
     late: dict[int, list[int]] = {}
-    for user, t in accepts:
+    overlapping = 0
+    for user, start, end, validated in accepts:
         done = logged_out.get(user)
-        if done is not None and done < t <= until_ns:
-            late.setdefault(user, []).append(t - done)
+        if done is None:
+            continue
+        if done < start <= until_ns:
+            late.setdefault(user, []).append(start - done)
+        elif validated and start < done < end:
+            overlapping += 1
     longest = max((max(v) for v in late.values()), default=0)
     return {
         "logouts": len(logged_out),
         "accepted_after_logout": sum(len(v) for v in late.values()),
         "users": len(late),
         "longest_ms": longest / 1e6,
+        "overlapping_validations": overlapping,
     }

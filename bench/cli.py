@@ -59,7 +59,8 @@ def _json_safe(x: Any) -> Any:
 
 
 def _measure(cfg: Config, sections: list[str], keys: tuple[str, ...] | None,
-             argv: list[str], urls: tuple[str, ...] = ()) -> dict[str, Any]:
+             argv: list[str], urls: tuple[str, ...] = (), args_only: bool = False
+             ) -> dict[str, Any]:
     progress = Progress(len(sections) + 1)
     progress.section("setup")
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -86,7 +87,11 @@ def _measure(cfg: Config, sections: list[str], keys: tuple[str, ...] | None,
     try:
         for name in sections:
             progress.section(name)
-            if (name == "e2e" and not cfg.e2e_seconds) or (name == "app" and not cfg.app_seconds):
+            if name == "e2e" and not cfg.e2e_seconds:
+                continue
+            if name == "app" and not cfg.app_seconds:
+                if args_only:
+                    note(f"the real app is not part of --{cfg.name}: add --app-seconds S")
                 continue
             cpu0, s0 = cpu_times(), time.perf_counter()
             result[name] = runners[name]()
@@ -140,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sections = [s for s in SECTIONS if args.only is None or s in args.only.split(",")]
         keys = tuple(args.backends.split(",")) if args.backends else None
-        result = _measure(cfg, sections, keys, argv, tuple(args.app_cache))
+        result = _measure(cfg, sections, keys, argv, tuple(args.app_cache),
+                          args_only=args.only is not None)
         out = args.out or ROOT / "bench" / "results" / cfg.name
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []

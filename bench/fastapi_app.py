@@ -113,13 +113,13 @@ def _found(session: Session | None, token: str, t0: int) -> Session:
         raise HTTPException(status_code=401, detail="not authenticated")
     cache.set(token, session, TTL)
     counters.add("requests", "db_lookups", "db_found")
-    counters.accepted(session.id, t0)
+    counters.accepted(session.id, t0, validated=True)
     return session
 
 
 def _hit(session: Session, t0: int) -> Session:
     counters.add("requests", "hits")
-    counters.accepted(session.id, t0)
+    counters.accepted(session.id, t0, validated=False)
     return session
 
 

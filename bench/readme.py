@@ -100,7 +100,9 @@ def section(result: dict[str, Any], images: list[str]) -> str:
         "pip install -e '.[bench]' && " + meta["command"],
         "```",
         "",
-        prose("`python -m bench --quick` gives the same tables in under a minute; every run"
+        prose("`python -m bench --quick` gives the same tables in under a minute, but for the"
+              " real app's (`python -m bench --only app` runs that one alone: its rounds last"
+              " as long as the cache TTL, 10 s); every run"
               " writes a table to the terminal, a JSON file of every figure with the"
               " environment, and PNG plots to `bench/results/`. Redis runs on a throwaway"
               " `redis-server` on loopback; a peer that is not installed is skipped with a"

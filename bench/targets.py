@@ -33,22 +33,28 @@ def _target(
             "met": met}
 
 
-_VARIANTS = {("sync", "close"): "sync, new conn", ("sync", "keepalive"): "sync, keep-alive",
-             ("async", "close"): "async, new conn", ("async", "keepalive"): "async, keep-alive"}
+_SPREAD = {"sync": "sync", "async": "async"}
 
 
 def _app_targets(caches: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue 11's goals in the real app, every variant (dependency x connections)."""
+    """Issue 11's goals in the real app. Judged with a new connection per request, which
+    spreads every user's requests over the workers (the issue's setting); keep-alive
+    figures are context only: there the kernel decides, server by server, how many
+    workers get any connection at all, so two caches' rows compare different spreads."""
 
-    def ratios(key: str, prefix: str = "") -> dict[str, Any]:
-        return {prefix + name: _get(caches, key, "variants", d, m, "validations_ratio")
-                for (d, m), name in _VARIANTS.items()}
+    def ratios(key: str, mode: str, prefix: str = "") -> dict[str, Any]:
+        return {prefix + dep: _get(caches, key, "variants", dep, mode, "validations_ratio")
+                for dep in _SPREAD}
 
-    hash_only = _target("real app: database validations per 1000 requests, hash-only vs the "
-                        "seed's (4 workers)", "<=", 1.5, ratios("shm"))
-    value = _target("real app: database validations per 1000 requests, value mode "
-                    "(value_size=512) vs the seed's", "<=", 0.5, ratios("shm-512"))
-    value["context"] = ratios("shm-256", "value_size=256, ")
+    hash_only = _target("real app, new connection per request: database validations per "
+                        "1000 requests, hash-only vs the seed's (4 workers)", "<=", 1.5,
+                        ratios("shm", "close"))
+    hash_only["context"] = ratios("shm", "keepalive", "keep-alive, ")
+    value = _target("real app, new connection per request: database validations per 1000 "
+                    "requests, value mode (value_size=512) vs the seed's", "<=", 0.5,
+                    ratios("shm-512", "close"))
+    value["context"] = {**ratios("shm-512", "keepalive", "keep-alive, "),
+                        **ratios("shm-256", "close", "value_size=256, ")}
     stale: dict[str, Any] = {}
     for key, row in caches.items():
         counts = [v["stale"]["accepted_after_logout"]
@@ -57,7 +63,7 @@ def _app_targets(caches: dict[str, Any]) -> list[dict[str, Any]]:
             stale[row["label"] if key != "inmemory" else "seed"] = sum(counts)
     seed = {"seed (its bug)": stale.pop("seed")} if "seed" in stale else {}
     logout = _target("real app: requests accepted after their logout returned, every "
-                     "shared cache", "<=", 0, stale, unit=" requests")
+                     "shared cache, all variants", "<=", 0, stale, unit=" requests")
     logout["context"], logout["digits"] = seed, 0
     return [hash_only, value, logout]
 

@@ -180,6 +180,7 @@ def test_real_app_counts_every_request(app_run: tuple[dict[str, Any], str]) -> N
             assert stale["logouts"] == 2, where
             assert 0 <= stale["users"] <= 2 and stale["accepted_after_logout"] >= 0, where
             assert (stale["users"] == 0) == (stale["accepted_after_logout"] == 0), where
+            assert stale["overlapping_validations"] >= 0, where
     seed = app["caches"]["inmemory"]["variants"]
     for dep, mode in APP_VARIANTS:
         if seed[dep][mode]["validations_per_1000"] > 0:  # else no ratio to speak of
@@ -196,7 +197,7 @@ def test_real_app_report_targets_plot_and_readme(
                   "Targets (issues 4 and 11)"):
         assert title in stdout
     names = [t["name"] for t in result["targets"]]
-    assert sum(n.startswith("real app:") for n in names) == 3
+    assert sum(n.startswith("real app") for n in names) == 3
     logout = next(t for t in result["targets"] if "logout returned" in t["name"])
     assert set(logout["figures"]) == {"shmcache, value_size=512"}
     assert set(logout["context"]) == {"seed (its bug)"}
@@ -208,6 +209,26 @@ def test_real_app_report_targets_plot_and_readme(
     text = readme.section(result, ["docs/bench-app.png"])
     assert "| InMemorySessionCache (seed), 4 workers |" in text
     assert "![the real app" in text and "(docs/bench-app.png)" in text
+
+
+def test_stale_acceptances_are_told_from_races_and_earlier_requests() -> None:
+    from bench.appcounters import stale_acceptances
+
+    done = {1: 1000, 2: 5000}  # user -> instant (ns) its logout returned
+    accepts = [
+        (1, 900, 950, False),  # before the logout: fine
+        (1, 990, 1010, False),  # a hit whose lookup began before the logout returned
+        (1, 1001, 1002, False),  # after: stale
+        (1, 3000, 3001, False),  # stale, 2000 ns after
+        (1, 9000, 9001, False),  # after the end of the round: not counted
+        (2, 4000, 6000, True),  # a validation across the logout: overlapping
+        (2, 4000, 4500, True),  # validated and cached before the logout: fine
+        (3, 2000, 2001, False),  # never logged out
+    ]
+    assert stale_acceptances(accepts, done, until_ns=8000) == {
+        "logouts": 2, "accepted_after_logout": 2, "users": 1, "longest_ms": 0.002,
+        "overlapping_validations": 1,
+    }
 
 
 @pytest.mark.parametrize("args, message", [
