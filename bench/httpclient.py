@@ -1,9 +1,11 @@
 """A Python load generator for when wrk is not installed: forked processes, each with a few
 threads sending ``GET /me`` over fresh loopback connections (gunicorn's sync workers close
-the connection after every response, as they do for wrk too)."""
+the connection after every response, as they do for wrk too), or with ``keepalive`` over
+one persistent connection per thread."""
 
 from __future__ import annotations
 
+import http.client
 import multiprocessing
 import random
 import socket
@@ -27,7 +29,32 @@ def _one(port: int, token: str) -> bool:
     return data.startswith(b"HTTP/1.1 200") or data.startswith(b"HTTP/1.0 200")
 
 
-def _process(port: int, tokens: list[str], seconds: float, threads: int, conn: Any) -> None:
+class _KeepAlive:
+    """One persistent HTTP/1.1 connection, reopened after any failure."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self._conn: http.client.HTTPConnection | None = None
+
+    def __call__(self, port: int, token: str) -> bool:
+        if self._conn is None:
+            self._conn = http.client.HTTPConnection("127.0.0.1", self._port, timeout=10)
+        try:
+            self._conn.request("GET", "/me", headers={"Authorization": f"Bearer {token}"})
+            response = self._conn.getresponse()
+            response.read()
+        except (OSError, http.client.HTTPException):
+            self._conn.close()
+            self._conn = None
+            return False
+        if response.will_close:
+            self._conn.close()
+            self._conn = None
+        return response.status == 200
+
+
+def _process(port: int, tokens: list[str], seconds: float, threads: int, conn: Any,
+             keepalive: bool) -> None:
     lat = array("q")
     errors = [0]
     guard = threading.Lock()
@@ -35,12 +62,13 @@ def _process(port: int, tokens: list[str], seconds: float, threads: int, conn: A
 
     def loop(seed: int) -> None:
         rng = random.Random(seed)
+        send = _KeepAlive(port) if keepalive else _one
         mine = array("q")
         bad = 0
         while time.perf_counter() < deadline:
             t0 = time.perf_counter_ns()
             try:
-                ok = _one(port, tokens[rng.randrange(len(tokens))])
+                ok = send(port, tokens[rng.randrange(len(tokens))])
             except OSError:
                 ok = False
             mine.append(time.perf_counter_ns() - t0)
@@ -60,13 +88,13 @@ def _process(port: int, tokens: list[str], seconds: float, threads: int, conn: A
 
 
 def load(port: int, tokens: list[str], seconds: float, procs: int = 2,
-         threads: int = 4) -> dict[str, Any]:
+         threads: int = 4, keepalive: bool = False) -> dict[str, Any]:
     """Figures in the same shape as the wrk script's."""
     ctx = multiprocessing.get_context("fork")
     pipes, ps = [], []
     for _ in range(procs):
         parent, child = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_process, args=(port, tokens, seconds, threads, child))
+        p = ctx.Process(target=_process, args=(port, tokens, seconds, threads, child, keepalive))
         p.start()
         child.close()
         pipes.append(parent)
