@@ -241,10 +241,30 @@ class Cluster:
         return f"{scheme}+cluster://{hosts}/"
 
     def owner_of(self, slot: int) -> Node:
-        for node, (first, last) in zip(self.primaries, CLUSTER_RANGES, strict=True):
-            if first <= slot <= last:
-                return node
-        raise AssertionError(slot)
+        """The primary that serves ``slot`` now (as CLUSTER NODES says: after a resharding
+        too)."""
+        by_port = {node.port: node for node in self.nodes}
+        for node in self.nodes:
+            if node.proc is None:
+                continue
+            client = node.client()
+            try:
+                table = client.execute_command("CLUSTER", "NODES")
+            finally:
+                client.close()
+            text = table.decode() if isinstance(table, bytes) else str(table)
+            for line in text.splitlines():
+                fields = line.split()
+                if "master" not in fields[2]:
+                    continue
+                for span in fields[8:]:
+                    if span.startswith("["):
+                        continue  # a migration in progress, not ownership
+                    first, _, last = span.partition("-")
+                    if int(first) <= slot <= int(last or first):
+                        return by_port[int(fields[1].split("@")[0].rsplit(":", 1)[1])]
+            break
+        raise AssertionError(f"no primary serves slot {slot}")
 
     def close(self) -> None:
         for node in self.nodes:

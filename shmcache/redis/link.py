@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,7 +25,8 @@ from .._errors import CacheUnavailable
 from .client import error_types, is_cluster
 from .scripts import Script
 
-_REDIRECTS = 5  # MOVED/ASK hops (and one NOSCRIPT reload) before giving up on a call
+_REDIRECTS = 5  # MOVED/ASK/TRYAGAIN rounds (and one NOSCRIPT reload) before giving up
+_TRYAGAIN_PAUSE = 0.02  # seconds, times the round
 # Error replies by the class either library maps them to, for clients that strip the code.
 _CODES = {
     "NoScriptError": "NOSCRIPT",
@@ -40,15 +42,17 @@ _CODES = {
 
 
 def reply_code(reply: BaseException) -> str:
-    """The error code of a server reply (``NOSCRIPT``, ``MOVED``...): its first word, or
-    the code the client library's class stands for if it stripped the word."""
+    """The error code of a server reply (``NOSCRIPT``, ``MOVED``...). Both libraries strip
+    the code of the replies they know and raise a class named after it (the same names in
+    both); other replies keep it as their first word."""
+    code = _CODES.get(type(reply).__name__)
+    if code is not None:
+        return code
     text = str(reply)
     if text.startswith("No matching script"):
-        return "NOSCRIPT"  # both libraries strip the code and keep this text
+        return "NOSCRIPT"
     first = text.split(" ", 1)[0]
-    if first.isupper() and first.isalpha():
-        return first
-    return _CODES.get(type(reply).__name__, "")
+    return first if first.isupper() and first.isalpha() else ""
 
 
 class Link:
@@ -108,11 +112,11 @@ class Link:
         and how many replicas acknowledged (None without ``wait``)."""
         command: tuple[Any, ...] = ("EVALSHA", script.sha, len(keys), *keys, *args)
         asking: tuple[str, int] | None = None
-        for _ in range(_REDIRECTS):
+        for tries in range(_REDIRECTS):
             commands = [command, ("WAIT", wait, wait_ms)] if wait else [command]
             results = self.call(op, functools.partial(self._send, keys[0], commands, asking))
             reply = results[0]
-            asking = None
+            redirected, asking = asking, None
             if isinstance(reply, BaseException):
                 code = reply_code(reply)
                 if code == "NOSCRIPT" and command[0] == "EVALSHA":
@@ -123,6 +127,11 @@ class Link:
                     self._refresh = True
                 elif code == "ASK":  # the slot is migrating, and this key already moved
                     asking = _address(reply)
+                elif code == "TRYAGAIN":
+                    # Mid-migration, some of the script's keys moved and some not yet: the
+                    # resharding tool moves the rest within milliseconds. Ask the same node.
+                    asking = redirected
+                    time.sleep(_TRYAGAIN_PAUSE * (tries + 1))
                 else:
                     raise self.unavailable(f"Redis refused {op}: {_describe(reply)}", code)
                 continue
@@ -130,7 +139,9 @@ class Link:
             if isinstance(acked, BaseException):
                 raise self.unavailable(f"Redis refused WAIT after {op}: {_describe(acked)}")
             return reply, acked
-        raise self.unavailable(f"Redis {op}: still redirected after {_REDIRECTS} tries")
+        raise self.unavailable(
+            f"Redis refused {op} {_REDIRECTS} times: {_describe(reply)}", reply_code(reply)
+        )
 
     def sweep(self, op: str, patterns: Sequence[str], batch: int) -> int:
         """UNLINK every key matching ``patterns`` (SCAN, on every primary of a cluster);

@@ -26,7 +26,9 @@ The scripts read the value's header, which ``values.py`` packs as::
 (1-based, as Lua counts; ``GETRANGE key 0 24`` reads exactly that.) Anything else under a
 session key (another version, another type, a short value) has no owner for them. Keys a
 script builds from a prefix argument (the old owner's index, the sessions of an index)
-carry the same hash tag, so they are in the script's slot. The ``set`` script reads
+carry the same hash tag, so they are in the script's slot; while that slot migrates, such
+a key may already be on the other node, and the script then fails with TRYAGAIN before it
+writes anything (``owner_of``) rather than miss it. The ``set`` script reads
 ``TIME`` after a write, which needs script effects replication: the default since Redis 5.
 """
 
@@ -72,6 +74,12 @@ local function guard()
 end
 local function owner_of(key)
   local head = redis.pcall('GETRANGE', key, 0, 24)
+  if type(head) == 'table' and head.err and not string.find(head.err, '^WRONGTYPE') then
+    -- A key this node cannot serve (its slot is migrating and the key moved, or is gone):
+    -- skipping it would let a session escape a revocation, so the call fails, nothing
+    -- written yet, and the client tries again once the migration is through.
+    error({err = 'TRYAGAIN ' .. head.err})
+  end
   if type(head) ~= 'string' or #head ~= 25 or string.byte(head, 1) ~= 2 then
     return nil, nil
   end

@@ -280,7 +280,7 @@ def test_client_object(
         redis_server.url + "?timeout=1",
         redis_server.url + "?prefix=p:",
     ):  # open_cache's, not ours
-        with pytest.raises(InvalidArgument, match="not a (redis|valkey)-py connection option"):
+        with pytest.raises(InvalidArgument, match=r"not a (redis|valkey)-py connection option"):
             RedisSessionCache(url)
 
 
