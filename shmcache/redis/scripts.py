@@ -92,10 +92,13 @@ local function hex(s)
 end
 """
 
-# Only the guard: a client checks its secret at construction with it.
+# The guard, then the fingerprint written again (unchanged): a client checks its secret at
+# construction with it, and a replica refuses the write (READONLY), so a cache made on a
+# replica fails there rather than at its first logout.
 CHECK = _script("check", """
 local refused = guard()
 if refused ~= nil then return {0, refused} end
+redis.call('SET', KEYS[1], ARGV[1])
 return {1}
 """)
 
