@@ -219,6 +219,7 @@ def _cluster(
     if path not in ("", "/", "/0"):
         raise InvalidArgument(f"{redact(url)!r}: a Redis Cluster has database 0 only")
     cluster, node = lib.cluster_classes()
+    options.setdefault("retry", lib.no_retry_but_one())
     return lambda: cluster(startup_nodes=[node(h, p) for h, p in hosts], **options)
 
 
@@ -243,6 +244,7 @@ def _sentinel(
     sentinel_kwargs: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
+        "retry": lib.no_retry_but_one(),
     }
     for ours, theirs in (("sentinel_username", "username"), ("sentinel_password", "password")):
         if ours in options:
