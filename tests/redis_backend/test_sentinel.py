@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from _redis_sentinel import SERVICE, SentinelGroup
 from _redis_support import TIMEOUT, eventually, within
-from _redis_topologies import SERVICE, SentinelGroup
 
 from shmcache import CacheUnavailable, InvalidArgument, RedisSessionCache, open_cache
 
