@@ -15,8 +15,8 @@ hosts twice over:
 
 So a session logged out on one host is accepted by another for at most S seconds (the
 bound), and usually for the time a pub/sub message takes (milliseconds). A subscriber that
-loses its connection drops the host's whole local table when it is back, since it may have
-missed messages.
+loses its connection, or whose link goes silent (a PING unanswered: ``_subscription.py``),
+drops the host's whole local table when it is back, since it may have missed messages.
 
 ``invalidate_by_user`` has the same bound S, by the same two routes: Redis drops the user's
 sessions and publishes the user's hash (``b"u:<hash>"``) in one transaction, and each

@@ -180,20 +180,19 @@ def client_from_url(url: str, timeout: float) -> Callable[[], Any]:
         if key not in known:
             raise InvalidArgument(
                 f"parameter {key!r} in {redact(url)!r} is not a {lib.display} connection option "
-                "(pass prefix, timeout and fail_open as arguments, or use open_cache)"
+                "(pass prefix, timeout, fail_open, min_replicas as arguments, or use open_cache)"
             )
     common: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
     parts = urlsplit(url)
+    if not topology and base != "unix":
+        if parts.path not in ("", "/") and not parts.path.strip("/").isdigit():
+            raise InvalidArgument(f"{redact(url)!r}: the path must be a database number")
+    elif not topology and not parts.path:
+        raise InvalidArgument(f"{redact(url)!r}: give the socket path, unix:///path/redis.sock")
     try:
         if not topology:
             if base != "unix":
                 parts.port  # noqa: B018  (urlsplit checks the port only when asked)
-                if parts.path not in ("", "/") and not parts.path.strip("/").isdigit():
-                    raise InvalidArgument(f"{redact(url)!r}: the path must be a database number")
-            elif not parts.path:
-                raise InvalidArgument(
-                    f"{redact(url)!r}: give the socket path, unix:///path/redis.sock"
-                )
             client = lib.client_class.from_url(url, retry=lib.no_retry_but_one(), **common)
             return lambda: client
         options = {k: lib.url_params.get(k, str)(v) for k, v in query}
@@ -219,6 +218,7 @@ def _cluster(
     if path not in ("", "/", "/0"):
         raise InvalidArgument(f"{redact(url)!r}: a Redis Cluster has database 0 only")
     cluster, node = lib.cluster_classes()
+    options.setdefault("retry", lib.no_retry_but_one())
     return lambda: cluster(startup_nodes=[node(h, p) for h, p in hosts], **options)
 
 
@@ -243,6 +243,7 @@ def _sentinel(
     sentinel_kwargs: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
+        "retry": lib.no_retry_but_one(),
     }
     for ours, theirs in (("sentinel_username", "username"), ("sentinel_password", "password")):
         if ours in options:

@@ -69,14 +69,12 @@ class Keyring:
         cannot be reached (or is busy) postpones the check to the first call: the app may
         start while Redis is down."""
         try:
-            if self._fixed is None:
-                self.current("check")
-            else:
-                reply, _ = self._link.run(
-                    "check", scripts.CHECK, [self._keys.fingerprint], self.guard_args(self._fixed)
-                )
-                if reply[0] != scripts.OK:
-                    self.refused(self._fixed, reply[1])
+            secret = self.current("check")
+            reply, _ = self._link.run(
+                "check", scripts.CHECK, [self._keys.fingerprint], self.guard_args(secret)
+            )
+            if reply[0] != scripts.OK:
+                self.refused(secret, reply[1])  # a shared secret replaced: checked later
         except CacheUnavailable as exc:
             if exc.code == "READONLY":
                 raise InvalidArgument(

@@ -69,6 +69,7 @@ class Link:
         self._owns = owns
         self._lock = threading.Lock()
         self._refresh = False  # a cluster node failed: ask for the slot map again first
+        self._cluster = False
         self.errors = error_types()
         self.failures = 0
 
@@ -78,7 +79,9 @@ class Link:
         if client is None:
             with self._lock:
                 if self._client is None:
-                    self._client = self._make()
+                    made = self._make()
+                    self._cluster = is_cluster(made)
+                    self._client = made
                 client = self._client
         return client
 
@@ -178,7 +181,7 @@ class Link:
     ) -> list[Any]:
         client = self.client
         target = client
-        if is_cluster(client):
+        if self._cluster:
             if self._refresh:
                 client.nodes_manager.initialize()
                 self._refresh = False

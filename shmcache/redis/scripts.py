@@ -92,10 +92,13 @@ local function hex(s)
 end
 """
 
-# Only the guard: a client checks its secret at construction with it.
+# The guard, then the fingerprint written again (unchanged): a client checks its secret at
+# construction with it, and a replica refuses the write (READONLY), so a cache made on a
+# replica fails there rather than at its first logout.
 CHECK = _script("check", """
 local refused = guard()
 if refused ~= nil then return {0, refused} end
+redis.call('SET', KEYS[1], ARGV[1])
 return {1}
 """)
 
@@ -114,6 +117,7 @@ return {1, value, redis.call('PTTL', KEYS[2])}
 SET = _script("set", """
 local refused = guard()
 if refused ~= nil then return {0, refused} end
+-- A condition on this write (a lease, say) is tested here, returning a status of its own.
 local previous = owner_of(KEYS[2])
 if previous and previous ~= ARGV[5] then
   -- the token moves to another user (or to none): the old user's index lets go of it

@@ -185,8 +185,8 @@ class RedisStore(ClosesOnExit):
         """Delete every session and user index of this prefix, then announce it."""
         self._ensure_open()
         self._link.sweep("clear", self._keys.patterns(), _SCAN_COUNT)
-        self._run("clear", scripts.CLEARED, lambda secret: ([], [self._keys.channel], None),
-                  wait=True)
+        announce = [self._keys.channel]
+        self._run("clear", scripts.CLEARED, lambda secret: ([], announce, None), wait=True)
 
     # -- helpers -------------------------------------------------------------------------
 

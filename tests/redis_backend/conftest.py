@@ -12,7 +12,10 @@ import _redis_support
 import _redis_topologies
 import pytest
 
+from shmcache import RedisSessionCache
+
 SERVERS = ["redis-server", "valkey-server"]
+SECRET = b"test-secret-of-at-least-16-bytes"
 
 
 @pytest.fixture(params=SERVERS)
@@ -41,3 +44,13 @@ def redis_raw(redis_server: Any) -> Iterator[Any]:
     client = _redis_topologies.redis_client(redis_server.port)
     yield client
     client.close()
+
+
+@pytest.fixture(params=["shared-secret", "fixed-secret"])
+def rcache(
+    request: pytest.FixtureRequest, redis_server: Any, redis_prefix: str
+) -> Iterator[RedisSessionCache]:
+    """A cache on the server, in each secret mode."""
+    secret = SECRET if request.param == "fixed-secret" else None
+    with RedisSessionCache(redis_server.url, prefix=redis_prefix, secret=secret) as cache:
+        yield cache
