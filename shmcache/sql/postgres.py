@@ -138,12 +138,18 @@ class PostgresStore(SqlStore):
             return
         if self._pool is None:
             self._pool = self._new_pool()
+        pool = self._pool
         try:
-            with self._pool.connection(timeout=self.timeout) as conn:
-                yield conn
+            conn = pool.getconn(timeout=self.timeout)
         except self._pool_timeout as exc:
             # The pool says only that it waited; the reason is the last connect error.
             raise self._pool_timeout(f"{exc} (last attempt: {self._connect_error})") from exc
+        # getconn/putconn, not pool.connection(): its "with conn" adds a commit per call,
+        # and every statement here is its own transaction already (autocommit).
+        try:
+            yield conn
+        finally:
+            pool.putconn(conn)
 
     def _new_pool(self) -> Any:
         from psycopg_pool import ConnectionPool, PoolTimeout
