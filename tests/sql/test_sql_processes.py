@@ -163,10 +163,11 @@ def test_forked_child_never_uses_the_parent_connection(url: str) -> None:
         assert found == "s" and different, (before, theirs)
         proc.join(TIMEOUT)
         assert proc.exitcode == 0
-        # The parent's own connections survived the child's exit, and still work.
+        # The parent's own connections survived the child's exit, and still work (the
+        # pool may have grown one in the background meanwhile: a superset).
         for _ in range(len(before) + 1):
             assert cache.get("child") == "c"
-        assert _connections(cache) == before
+        assert before <= _connections(cache)
     cache.invalidate("tok")
     assert cache.get("tok") is None
     cache.close()
