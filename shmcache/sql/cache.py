@@ -39,8 +39,9 @@ class DatabaseSessionCache(RemoteSessionCache):
     ``DatabaseSessionCache("sqlite:////var/lib/myapp/sessions.db")``,
     ``DatabaseSessionCache("postgresql://user:pw@host:5432/db")`` (also ``postgres://``),
     or ``DatabaseSessionCache(connect=make_connection, dialect="postgresql")`` with a
-    callable returning a new psycopg 3 (or ``sqlite3``) connection, called once per
-    connection this process needs.
+    callable returning a new psycopg 3 connection (or, for ``dialect="sqlite"``, a
+    ``sqlite3`` connection made with ``check_same_thread=False``: threads take turns on
+    them), called once per connection this process needs.
 
     Options: ``table`` (``shmcache_sessions``; made if missing, with ``{table}_meta``),
     ``timeout`` (1 s: SQLite's busy timeout; PostgreSQL's connect, pool and statement
