@@ -26,6 +26,7 @@ from .adapters import (
     ManagerDictSessionCache,
     RedisAdapter,
 )
+from .pg_server import PostgresServer
 from .redis_server import RedisServer
 
 VALUE_SIZE = 256  # the value-mode segment: a pickled seed Session is about 150 bytes
@@ -44,7 +45,11 @@ class Resources:
 
     def __init__(self) -> None:
         self.tmpdir = tempfile.mkdtemp(prefix="shmcache-bench-")
+        if os.geteuid() == 0:  # a PostgreSQL running as nobody must reach its socket dir
+            os.chmod(self.tmpdir, 0o755)
         self._redis: RedisServer | None = None
+        self._pg: PostgresServer | None = None
+        self.pg_version = ""
 
     def redis_port(self) -> int:
         if self._redis is None:
@@ -53,10 +58,21 @@ class Resources:
             self._redis = server
         return self._redis.port
 
+    def pg_url(self) -> str:
+        if self._pg is None:
+            server = PostgresServer(self.tmpdir)
+            server.start()
+            self._pg = server
+            self.pg_version = server.version
+        return self._pg.url
+
     def close(self) -> None:
         if self._redis is not None:
             self._redis.stop()
             self._redis = None
+        if self._pg is not None:
+            self._pg.stop()
+            self._pg = None
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
@@ -229,6 +245,71 @@ class TieredStore(Store):
         self._shm.destroy()
 
 
+class DatabaseStore(Store):
+    """``shmcache.DatabaseSessionCache`` on a SQLite file in the run's directory, or on the
+    run's PostgreSQL (one table per store); every process opens its own connections."""
+
+    def __init__(self, res: Resources, dialect: str) -> None:
+        table = f"bench_{next(_names)}"
+        if dialect == "sqlite":
+            self.url = f"sqlite:///{res.tmpdir}/{table}.db?table={table}"
+        else:
+            self.url = f"{res.pg_url()}&table={table}"
+        self.impl = f"shmcache.DatabaseSessionCache ({dialect}, table {table})"
+        self._opened: list[Any] = []
+
+    def open(self) -> Any:
+        from shmcache import open_cache
+
+        cache = open_cache(self.url)
+        self._opened.append(cache)
+        return cache
+
+    def destroy(self) -> None:
+        for cache in self._opened:
+            cache.close()
+        self._opened.clear()
+
+    def before_fork(self) -> None:
+        self.destroy()  # not needed (children never use them), but frees the connections
+
+
+class TieredPgStore(Store):
+    """``shm+postgresql://``: a value-mode segment in front of the run's PostgreSQL."""
+
+    impl = "shmcache.TieredSessionCache(SharedMemorySessionCache, DatabaseSessionCache)"
+
+    def __init__(self, res: Resources) -> None:
+        self._shm = ShmStore(VALUE_SIZE)
+        self.url = (f"shm+{res.pg_url()}&table=bench_{next(_names)}&shm={self._shm.name}"
+                    f"&value_size={VALUE_SIZE}")
+        self._opened: list[Any] = []
+
+    def open(self) -> Any:
+        from shmcache import open_cache
+
+        cache = open_cache(self.url)
+        self._opened.append(cache)
+        return cache
+
+    def destroy(self) -> None:
+        for cache in self._opened:
+            cache.close()
+        self._shm.destroy()
+
+
+def _database_missing() -> str | None:
+    import shmcache
+
+    if not hasattr(shmcache, "DatabaseSessionCache"):
+        return "this shmcache has no DatabaseSessionCache"
+    return None
+
+
+def _postgres_missing() -> str | None:
+    return _database_missing() or PostgresServer.missing()
+
+
 def _tiered_missing() -> str | None:
     import shmcache
 
@@ -266,6 +347,12 @@ BACKENDS: tuple[Backend, ...] = (
     Backend("redis", "Redis (loopback)", RedisStore, _redis_missing),
     Backend("tiered", f"Tiered (shm value_size={VALUE_SIZE} + Redis)", TieredStore,
             _tiered_missing),
+    Backend("sqlite", "SQLite (WAL file)", lambda r: DatabaseStore(r, "sqlite"),
+            _database_missing),
+    Backend("postgresql", "PostgreSQL (unix socket)", lambda r: DatabaseStore(r, "postgresql"),
+            _postgres_missing),
+    Backend("tiered-pg", f"Tiered (shm value_size={VALUE_SIZE} + PostgreSQL)", TieredPgStore,
+            _postgres_missing),
 )
 BY_KEY = {b.key: b for b in BACKENDS}
 

@@ -43,8 +43,8 @@ class Config:
         return asdict(self)
 
 
-_E2E = ("inmemory", "shm", "shm-value", "redis")
-_MULTI = ("inmemory", "shm", "shm-value")
+_E2E = ("inmemory", "shm", "shm-value", "redis", "sqlite", "postgresql")
+_MULTI = ("inmemory", "shm", "shm-value", "redis", "sqlite", "postgresql")
 
 FULL = Config(
     name="full", backends=None,

@@ -24,7 +24,7 @@ from typing import Any
 
 from . import httpclient
 from .auth import sign
-from .backends import VALUE_SIZE, Backend, Resources, segment_name
+from .backends import VALUE_SIZE, Backend, DatabaseStore, Resources, segment_name
 from .config import Config
 from .progress import Progress
 from .redis_server import free_port
@@ -97,6 +97,8 @@ class _Server(Gunicorn):
             })
         if key == "redis":
             env["BENCH_REDIS_PORT"] = str(res.redis_port())
+        if key in ("sqlite", "postgresql"):
+            env["BENCH_DB_URL"] = DatabaseStore(res, key).url
         super().__init__("bench.wsgi_app:app", env, Path(res.tmpdir) / f"gunicorn-{key}.log")
 
     def hit_rate(self) -> float:

@@ -14,7 +14,8 @@ from typing import Any
 
 _PACKAGES = (
     "shmcache", "posix_ipc", "xxhash", "lmdb", "diskcache", "redis", "gunicorn",
-    "matplotlib", "numpy", "fastapi", "pydantic", "uvicorn", "uvicorn-worker",
+    "matplotlib", "numpy", "fastapi", "pydantic", "uvicorn", "uvicorn-worker", "psycopg",
+    "psycopg-pool",
 )
 
 
@@ -55,6 +56,13 @@ def _git(root: Path) -> dict[str, Any]:
     return {"commit": head or None, "core_modified": bool(dirty)}
 
 
+def _postgres_version() -> str | None:
+    from .pg_server import find_bindir
+
+    bindir = find_bindir()
+    return None if bindir is None else _version_of(os.path.join(bindir, "postgres"), "--version")
+
+
 def environment(root: Path) -> dict[str, Any]:
     packages: dict[str, str | None] = {}
     for name in _PACKAGES:
@@ -77,6 +85,7 @@ def environment(root: Path) -> dict[str, Any]:
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "packages": packages,
         "redis_server": _version_of("redis-server", "--version"),
+        "postgres": _postgres_version(),
         "wrk": _version_of("wrk", "--version"),
         "git": _git(root),
     }

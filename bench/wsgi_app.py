@@ -40,6 +40,10 @@ def _make_cache() -> Any:
 
         port = int(os.environ["BENCH_REDIS_PORT"])
         return shmcache_redis(port) or RedisAdapter(port)
+    if backend in ("sqlite", "postgresql"):
+        from shmcache import open_cache
+
+        return open_cache(os.environ["BENCH_DB_URL"])
     raise ValueError(f"unknown BENCH_BACKEND {backend!r}")
 
 

@@ -15,6 +15,10 @@
     shm+redis://host:6379/0?shm=NAME&capacity=65536&value_size=256&max_staleness=1
     shm+ + any Redis form above (shm+rediss://, shm+unix://, shm+redis+cluster://...)
                                        TieredSessionCache: the shm table in front of Redis
+    sqlite:////abs/path.db  postgresql://user@host/db  postgres://...
+    shm+postgresql://user@host/db?shm=NAME&value_size=1024&max_staleness=1
+                                       DatabaseSessionCache, and the shm table in front of
+                                       PostgreSQL (see shmcache.sql.urls)
 
 Keyword options go to the constructors (``codec=``, ``secret=``, ``clock=``...) and win over
 the same parameter in the URL. ``user_id_of=`` (a callable deriving the user from a session,

@@ -2,7 +2,9 @@
 (every host), and PostgreSQL's LISTEN/NOTIFY as the channel of the two-tier cache.
 
 - ``store``: the table's shape, per-process connections, fork safety (the storage layer).
-- ``sqlite``, ``postgres``: the SQL of each dialect (knows nothing of tokens or sessions).
+- ``sqlite``, ``postgres``: the SQL of each dialect (knows nothing of tokens or sessions);
+  ``listener``: LISTEN, the receiving end of PostgreSQL's invalidation channel.
+- ``values``: the row format: keyed hashes of tokens and users, values sealed with a MAC.
 - ``urls``: database URLs, and the ``open_cache`` schemes ``sqlite://``, ``postgresql://``,
   ``postgres://`` and ``shm+postgresql://``.
 - ``cache``: ``DatabaseSessionCache`` (keyed-hash keys, MAC'd values, fail-open reads).

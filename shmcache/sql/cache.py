@@ -1,22 +1,14 @@
 """``DatabaseSessionCache``: the ``SessionCache`` protocol on a SQL table (SQLite or
 PostgreSQL), the seed's third backend.
 
-Layer: backends. Tokens, user ids, the secret, values and their MACs live here; the SQL
-lives in the stores (``sqlite.py``, ``postgres.py``), which move opaque bytes. The keyed
-hashes and MACs are the Redis backend's (``shmcache.redis.secret``), so both backends
-hash a token to the same 32 hex digits under the same secret.
-
-A value is ``version (1 byte, 1) | MAC (16 bytes) | codec bytes``; the MAC is a keyed
-BLAKE2b of ``"{table}:{key hex}"``, the version, the owner (16 zero bytes: none) and the
-codec bytes, so a value moved to another token or user, truncated, or written by anything
-that does not hold the secret is a miss (``stats()["decode_errors"]``).
+Layer: backends. Tokens, user ids, the secret, sessions and the codec live here; the SQL
+lives in the stores (``sqlite.py``, ``postgres.py``), which move opaque bytes, and the
+row format (keyed hashes, sealed values) in ``values.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import math
 import secrets
 import threading
@@ -28,24 +20,16 @@ from .._errors import CacheUnavailable, InvalidArgument, InvalidType
 from .._protocol import UserIdOf
 from .._remote import Found, Listener, RemoteSessionCache
 from ..codecs import Codec, JsonCodec, PickleCodec
-from ..redis.secret import MAC_SIZE, Secret, derive, mac
 from .store import StaleFingerprint
 from .urls import make_store
+from .values import Secret, derive, fingerprint, keyed, open_value, seal
 
 Clock = Callable[[], float]
 T = TypeVar("T")
 
-_VERSION = b"\x01"
-_NO_OWNER = bytes(16)
-_VALUE_START = 1 + MAC_SIZE
 _SECRET_TRIES = 3  # the meta row replaced twice during one call: someone keeps deleting it
 RECLAIM_EVERY = 128  # sets between two reclaims of expired rows, per process
 RECLAIM_BATCH = 256  # expired rows deleted per reclaim: twice what the sets in between add
-
-
-def fingerprint(raw: bytes) -> bytes:
-    """What the meta row keeps to tell secrets apart (never the secret itself)."""
-    return hashlib.blake2b(raw, digest_size=16, person=b"shmcache-fprint").digest()
 
 
 class DatabaseSessionCache(RemoteSessionCache):
@@ -55,8 +39,9 @@ class DatabaseSessionCache(RemoteSessionCache):
     ``DatabaseSessionCache("sqlite:////var/lib/myapp/sessions.db")``,
     ``DatabaseSessionCache("postgresql://user:pw@host:5432/db")`` (also ``postgres://``),
     or ``DatabaseSessionCache(connect=make_connection, dialect="postgresql")`` with a
-    callable returning a new psycopg 3 (or ``sqlite3``) connection, called once per
-    connection this process needs.
+    callable returning a new psycopg 3 connection (or, for ``dialect="sqlite"``, a
+    ``sqlite3`` connection made with ``check_same_thread=False``: threads take turns on
+    them), called once per connection this process needs.
 
     Options: ``table`` (``shmcache_sessions``; made if missing, with ``{table}_meta``),
     ``timeout`` (1 s: SQLite's busy timeout; PostgreSQL's connect, pool and statement
@@ -140,7 +125,7 @@ class DatabaseSessionCache(RemoteSessionCache):
         """``(session, seconds it has left, key hash, owner hash or None)``, or None;
         raises ``CacheUnavailable``."""
         def run(secret: Secret, fp: bytes) -> tuple[bytes, Any, Secret]:
-            key = _hash(secret.key_mac, token)
+            key = keyed(secret.key_mac, token)
             return key, self._store.lookup(key, fp, self._now()), secret
 
         key, row, secret = self._run("get", run)
@@ -170,9 +155,9 @@ class DatabaseSessionCache(RemoteSessionCache):
         ttl_ms = max(1, math.ceil(ttl * 1000))
 
         def run(secret: Secret, fp: bytes) -> tuple[bytes, bytes | None]:
-            key = _hash(secret.key_mac, token)
-            owner = None if user is None else _hash(secret.user_mac, user)
-            value = self._seal(secret, key, owner, payload)
+            key = keyed(secret.key_mac, token)
+            owner = None if user is None else keyed(secret.user_mac, user)
+            value = seal(secret, self._store.table, key, owner, payload)
             self._store.store(key, owner, value, ttl_ms, fp, self._now())
             return key, owner
 
@@ -186,7 +171,7 @@ class DatabaseSessionCache(RemoteSessionCache):
         """Delete ``token``'s row and announce its key hash (PostgreSQL: NOTIFY, in the
         same transaction); returns the key hash."""
         def run(secret: Secret, fp: bytes) -> bytes:
-            key = _hash(secret.key_mac, token)
+            key = keyed(secret.key_mac, token)
             self._store.remove(key, fp, "i:" + key.hex())
             return key
 
@@ -198,7 +183,7 @@ class DatabaseSessionCache(RemoteSessionCache):
         and the owner hash. A ``set`` commits wholly before it (and is deleted) or after
         it: none escapes."""
         def run(secret: Secret, fp: bytes) -> tuple[int, bytes]:
-            owner = _hash(secret.user_mac, user)
+            owner = keyed(secret.user_mac, user)
             return self._store.revoke(owner, fp, self._now(), "u:" + owner.hex()), owner
 
         count, owner = self._run("invalidate_by_user", run)
@@ -214,15 +199,15 @@ class DatabaseSessionCache(RemoteSessionCache):
         """The 32-hex-digit keyed hash that stands for ``token`` in the table and in
         invalidation messages."""
         self._ensure_open()
-        return _hash(self._current("get")[0].key_mac, token).hex()
+        return keyed(self._current("get")[0].key_mac, token).hex()
 
     def cached_key_of(self, token: str) -> str | None:
         secret = self._known_secret()
-        return None if secret is None else _hash(secret.key_mac, token).hex()
+        return None if secret is None else keyed(secret.key_mac, token).hex()
 
     def cached_owner_of(self, user: str) -> str | None:
         secret = self._known_secret()
-        return None if secret is None else _hash(secret.user_mac, user).hex()
+        return None if secret is None else keyed(secret.user_mac, user).hex()
 
     def add_secret_listener(self, listener: Listener) -> None:
         """Call ``listener()`` whenever the shared secret may have changed. SQLite refuses:
@@ -405,26 +390,10 @@ class DatabaseSessionCache(RemoteSessionCache):
             for listener in list(self._listeners):
                 listener()
 
-    def _seal(self, secret: Secret, key: bytes, owner: bytes | None, payload: bytes) -> bytes:
-        head = _VERSION + (owner or _NO_OWNER)
-        return _VERSION + mac(secret, f"{self._store.table}:{key.hex()}", head, payload) + payload
-
-    def _open_value(
-        self, secret: Secret, key: bytes, owner: bytes | None, value: bytes
-    ) -> bytes | None:
-        """The codec bytes of a row, or None if its format or MAC is wrong."""
-        if (len(value) < _VALUE_START or value[:1] != _VERSION
-                or (owner is not None and len(owner) != 16)):
-            return None
-        payload = value[_VALUE_START:]
-        head = _VERSION + (owner or _NO_OWNER)
-        expected = mac(secret, f"{self._store.table}:{key.hex()}", head, payload)
-        return payload if hmac.compare_digest(value[1:_VALUE_START], expected) else None
-
     def _decode(
         self, secret: Secret, key: bytes, owner: bytes | None, value: bytes
     ) -> tuple[Any] | None:
-        payload = self._open_value(secret, key, owner, value)
+        payload = open_value(secret, self._store.table, key, owner, value)
         if payload is None:
             self._decode_errors += 1
             return None
@@ -438,8 +407,9 @@ class DatabaseSessionCache(RemoteSessionCache):
         secret = self._current("check")[0]
 
         def scan() -> list[bytes]:
+            table = self._store.table
             return [key for key, owner, value in self._store.rows()
-                    if len(key) != 16 or self._open_value(secret, key, owner, value) is None]
+                    if open_value(secret, table, key, owner, value) is None]
 
         return self._call("check", scan)
 
@@ -449,9 +419,3 @@ class DatabaseSessionCache(RemoteSessionCache):
             self._reclaimed += self._call(
                 "reclaim", lambda: self._store.purge(self._now(), RECLAIM_BATCH)
             )
-
-
-def _hash(state: Any, text: str) -> bytes:
-    mac_ = state.copy()
-    mac_.update(_args.token_bytes(text))
-    return bytes(mac_.digest())

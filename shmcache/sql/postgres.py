@@ -26,7 +26,6 @@ tokens or sessions. psycopg 3 and psycopg_pool are an optional extra
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import math
 from collections.abc import Callable, Iterator
@@ -34,6 +33,7 @@ from types import ModuleType
 from typing import Any
 
 from .._errors import InvalidArgument, InvalidType
+from .listener import Listener
 from .store import _INHERITED, LocalPool, SqlStore, StaleFingerprint
 
 NOW = ("COALESCE(%(now)s::bigint, "
@@ -138,12 +138,18 @@ class PostgresStore(SqlStore):
             return
         if self._pool is None:
             self._pool = self._new_pool()
+        pool = self._pool
         try:
-            with self._pool.connection(timeout=self.timeout) as conn:
-                yield conn
+            conn = pool.getconn(timeout=self.timeout)
         except self._pool_timeout as exc:
             # The pool says only that it waited; the reason is the last connect error.
             raise self._pool_timeout(f"{exc} (last attempt: {self._connect_error})") from exc
+        # getconn/putconn, not pool.connection(): its "with conn" adds a commit per call,
+        # and every statement here is its own transaction already (autocommit).
+        try:
+            yield conn
+        finally:
+            pool.putconn(conn)
 
     def _new_pool(self) -> Any:
         from psycopg_pool import ConnectionPool, PoolTimeout
@@ -407,44 +413,3 @@ class PostgresStore(SqlStore):
             return conn
 
         return Listener(connect)
-
-
-class Listener:
-    """``LISTEN`` on a connection of its own, shaped like redis-py's ``PubSub`` (what
-    ``TieredSessionCache`` reads): ``subscribe``, ``get_message(timeout=)``, ``close``.
-
-    A connection that the server closed (a restart, ``pg_terminate_backend``) raises from
-    ``get_message``; the tiered cache then subscribes again and, since notifications may
-    have been lost meanwhile, empties its host's table.
-    """
-
-    def __init__(self, connect: Callable[[], Any]) -> None:
-        self._connect = connect
-        self._conn: Any = None
-        self._pending: collections.deque[dict[str, Any]] = collections.deque()
-
-    def subscribe(self, channel: str) -> None:
-        if self._conn is None:
-            self._conn = self._connect()
-        self._conn.execute(f"LISTEN {channel}")  # a checked table name + "_invalidations"
-        self._pending.append({"type": "subscribe", "channel": channel, "data": 1})
-
-    def get_message(self, timeout: float | None = 0.0) -> dict[str, Any] | None:
-        if not self._pending and self._conn is not None:
-            for note in self._conn.notifies(timeout=timeout or 0.0, stop_after=1):
-                self._pending.append(
-                    {"type": "message", "channel": note.channel, "data": note.payload.encode()}
-                )
-        return self._pending.popleft() if self._pending else None
-
-    def ping(self) -> None:
-        """The tiered cache's heartbeat: a round trip on the LISTEN connection (a closed
-        one raises), answered like redis-py's PubSub answers PING, with a "pong" message."""
-        if self._conn is not None:
-            self._conn.execute("SELECT 1")
-            self._pending.append({"type": "pong", "channel": None, "data": b""})
-
-    def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
