@@ -248,16 +248,18 @@ BAD_ARGUMENTS = [
 
 @pytest.mark.parametrize("argv", BAD_ARGUMENTS, ids=lambda a: " ".join(a) or "nothing")
 def test_bad_numbers_and_names_exit_2_without_traceback(
-    argv: list[str], segment_name: str, capsys: pytest.CaptureFixture[str]
+    argv: list[str], segment_name: str, make_name: Callable[[], str],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    new = make_name()  # removed after the test even if a bad create made it
     live = SharedMemorySessionCache.create(segment_name, capacity=16)  # for revoke-user
     try:
-        args = [segment_name + "-new" if a == "NAME" and argv[0] == "create" else
+        args = [new if a == "NAME" and argv[0] == "create" else
                 segment_name if a == "NAME" else a for a in argv]
         status, out, err = run_main(args, capsys)
         assert status == 2, (status, err)
         assert "Traceback" not in out + err and err.strip()
-        assert not os.path.exists(f"/dev/shm/{segment_name}-new")  # nothing created
+        assert not os.path.exists(f"/dev/shm/{new}")  # nothing created
     finally:
         live.close()
 
@@ -318,22 +320,23 @@ def live(segment_name: str) -> Iterator[SharedMemorySessionCache]:
     cache.close()
 
 
-def _argv(args: list[str], name: str) -> list[str]:
-    return [name if a == "NAME" else name + "-new" if a == "NEW" else a for a in args]
+def _argv(args: list[str], name: str, new: str = "") -> list[str]:
+    return [name if a == "NAME" else new if a == "NEW" else a for a in args]
 
 
 @pytest.mark.parametrize("args", STREAM_COMMANDS, ids=" ".join)
 def test_a_closed_stdout_is_refused_before_anything_changes(
-    args: list[str], live: SharedMemorySessionCache
+    args: list[str], live: SharedMemorySessionCache, make_name: Callable[[], str]
 ) -> None:
-    result = shmcache(_argv(args, live.name), stdout=None, preexec_fn=_close_stdout)
+    new = make_name()
+    result = shmcache(_argv(args, live.name, new), stdout=None, preexec_fn=_close_stdout)
     err = result.stderr.decode()
     assert result.returncode == 1, err
     assert err == ("shmcache: standard output is closed: refusing to run (nothing could "
                    "report what was done)\n")
     assert live.get(TOKEN) == {"user": "alice"}  # not reset, revoked or unlinked
     assert os.path.exists(f"/dev/shm/{live.name}")
-    assert not os.path.exists(f"/dev/shm/{live.name}-new")
+    assert not os.path.exists(f"/dev/shm/{new}")
 
 
 @pytest.mark.parametrize(
