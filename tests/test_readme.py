@@ -4,9 +4,9 @@ A small collector rather than a plugin: it finds each ```python fence (indented 
 list items too), and each block is one test named by its line. A block runs as a reader
 who pastes it into a file would run it: in a fresh interpreter, in an empty directory. The
 only differences are names, so that parallel runs and leftovers never collide: the
-segment ``myapp-sessions`` and the Redis prefix ``myapp:`` become the test's own, and the
-environment gives what a deployment would (``REDIS_URL``: the tests' Redis server;
-``SHMCACHE_NAME``: what the gunicorn master exports to its workers).
+segments ``myapp-...`` and the Redis prefix ``myapp:`` become the test's own. Each block
+runs as pasted, with nothing set in the environment; a block that reads ``REDIS_URL`` runs
+a second time with it set to the tests' Redis server.
 
 The FastAPI app block is then used as an app: through its HTTP API with two "workers"
 against each backend, and as a real ``uvicorn --workers 2`` server.
@@ -70,28 +70,54 @@ def test_the_collector_finds_indented_and_only_python_blocks() -> None:
 
 
 @pytest.fixture
-def names(make_name: Callable[[], str]) -> dict[str, str]:
-    return {"segment": make_name(), "prefix": make_name() + ":", "worker": make_name()}
+def names(make_name: Callable[[], str]) -> Iterator[Callable[[str], str]]:
+    """``myapp-NAME`` (a segment) and ``myapp:`` (a Redis prefix) -> names of the test's
+    own, the same for the same README name, removed after the test."""
+    mine: dict[str, str] = {}
+
+    def name(readme_name: str) -> str:
+        if readme_name not in mine:
+            mine[readme_name] = make_name() + (":" if readme_name.endswith(":") else "")
+        return mine[readme_name]
+
+    yield name
 
 
-def localize(code: str, names: dict[str, str]) -> str:
-    return code.replace("myapp-sessions", names["segment"]).replace("myapp:", names["prefix"])
+def localize(code: str, name: Callable[[str], str]) -> str:
+    return re.sub(r"\bmyapp(-[A-Za-z0-9_.-]+|:)", lambda m: name(m[0]), code)
 
 
-@pytest.mark.parametrize(("line", "code"), BLOCKS, ids=[f"README.md:{n}" for n, _ in BLOCKS])
-def test_readme_block_runs(
-    line: int, code: str, names: dict[str, str], tmp_path: Path,
-    redis_server: _redis_support.RedisServer,
-) -> None:
-    script = tmp_path / f"readme_{line}.py"
-    script.write_text(localize(code, names))
-    env = {**os.environ, "REDIS_URL": redis_server.url, "SHMCACHE_NAME": names["worker"],
-           "SESSION_DB": str(tmp_path / "sessions.db")}
-    env.pop("SESSION_CACHE_URL", None)
-    result = subprocess.run([sys.executable, script.name], cwd=tmp_path, env=env,
+def run_block(line: int, code: str, name: Callable[[str], str], cwd: Path,
+              **env: str) -> None:
+    script = cwd / f"readme_{line}.py"
+    script.write_text(localize(code, name))
+    environ = {k: v for k, v in os.environ.items()
+               if k not in ("REDIS_URL", "SHMCACHE_NAME", "SESSION_CACHE_URL", "SESSION_DB")}
+    result = subprocess.run([sys.executable, script.name], cwd=cwd, env={**environ, **env},
                             capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 0, f"README.md line {line}:\n{result.stderr}"
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("line", "code"), BLOCKS, ids=[f"README.md:{n}" for n, _ in BLOCKS])
+def test_readme_block_runs_as_pasted(
+    line: int, code: str, names: Callable[[str], str], tmp_path: Path
+) -> None:
+    """A fresh interpreter in an empty directory, no settings in the environment: what a
+    reader who pastes the block into a file and runs it gets."""
+    run_block(line, code, names, tmp_path)
+
+
+REDIS_BLOCKS = [(n, code) for n, code in BLOCKS if "REDIS_URL" in code]
+
+
+@pytest.mark.parametrize(("line", "code"), REDIS_BLOCKS,
+                         ids=[f"README.md:{n}" for n, _ in REDIS_BLOCKS])
+def test_readme_redis_block_uses_the_server_it_is_given(
+    line: int, code: str, names: Callable[[str], str], tmp_path: Path,
+    redis_server: _redis_support.RedisServer,
+) -> None:
+    run_block(line, code, names, tmp_path, REDIS_URL=redis_server.url)
 
 
 # -- the FastAPI app, used as an app ----------------------------------------------------
@@ -119,14 +145,14 @@ def _load_app(url: str, db: Path) -> types.ModuleType:
 
 @pytest.fixture(params=["memory", "shm", "redis"])
 def two_workers(
-    request: pytest.FixtureRequest, names: dict[str, str], tmp_path: Path,
+    request: pytest.FixtureRequest, names: Callable[[str], str], tmp_path: Path,
 ) -> Iterator[tuple[str, Any, Any]]:
     from fastapi.testclient import TestClient
 
     url = {
         "memory": lambda: "memory://",
-        "shm": lambda: f"shm://{names['segment']}?capacity=64&value_size=256",
-        "redis": lambda: f"{_redis_support.shared_server().url}?prefix={names['prefix']}",
+        "shm": lambda: f"shm://{names('myapp-sessions')}?capacity=64&value_size=256",
+        "redis": lambda: f"{_redis_support.shared_server().url}?prefix={names('myapp:')}",
     }[request.param]()
     workers = [_load_app(url, tmp_path / "sessions.db") for _ in range(2)]
     with TestClient(workers[0].app) as a, TestClient(workers[1].app) as b:
@@ -185,12 +211,14 @@ def _request(port: int, method: str, path: str, token: str = "") -> tuple[int, A
         conn.close()
 
 
-def test_the_app_under_uvicorn_with_two_workers(names: dict[str, str], tmp_path: Path) -> None:
+def test_the_app_under_uvicorn_with_two_workers(
+    names: Callable[[str], str], tmp_path: Path
+) -> None:
     """What the README tells a user to run: the logout in one worker is seen by both."""
     (tmp_path / "app.py").write_text(_app_code())
     port = _free_port()
     env = {**os.environ, "SESSION_DB": str(tmp_path / "sessions.db"),
-           "SESSION_CACHE_URL": f"shm://{names['segment']}?capacity=64&value_size=256"}
+           "SESSION_CACHE_URL": f"shm://{names('myapp-sessions')}?capacity=64&value_size=256"}
     log = open(tmp_path / "uvicorn.log", "wb")  # noqa: SIM115 - closed below
     server = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "app:app", "--workers", "2", "--host", "127.0.0.1",
