@@ -99,9 +99,14 @@ class Segment:
 
 
 def unlink_names(name: str) -> None:
-    """Remove whatever exists of a segment's two names, by name alone (no inode check)."""
-    _ignore_missing(posix_ipc.unlink_shared_memory, "/" + name)
-    _ignore_missing(posix_ipc.unlink_semaphore, "/" + name)
+    """Remove whatever exists of a segment's two names, by name alone (no inode check).
+    A directory in their place is not ours to remove: ``IncompatibleSegment`` says so."""
+    for fn, path in ((posix_ipc.unlink_shared_memory, segment_path(name)),
+                     (posix_ipc.unlink_semaphore, semaphore_path(name))):
+        try:
+            _ignore_missing(fn, "/" + name)
+        except IsADirectoryError:
+            raise IncompatibleSegment(f"{path} is a directory: not removing it") from None
 
 
 def _ignore_missing(fn: Callable[[str], None], name: str) -> None:
