@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -12,15 +13,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import app, e2e, memory, multi, plots, readme, report, single, table, targets
 from . import backends as backends_mod
-from . import e2e, memory, multi, plots, readme, report, single, table, targets
 from .config import FULL, PRESETS, Config
 from .env import cpu_times, environment, load_during
 from .progress import Progress
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = time.perf_counter()  # imported first thing by ``python -m bench``
-SECTIONS = ("single", "multi", "table", "e2e", "memory")
+SECTIONS = ("single", "multi", "table", "e2e", "memory", "app")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--only", help=f"comma-separated sections of {','.join(SECTIONS)}")
     p.add_argument("--backends", help="comma-separated backend keys of "
                    f"{','.join(b.key for b in backends_mod.BACKENDS)}")
+    p.add_argument("--app-caches", help="comma-separated caches of the real app (section "
+                   f"app) of {','.join(app.BUILTIN_KEYS)}")
+    p.add_argument("--app-cache", action="append", default=[], metavar="[LABEL=]URL",
+                   help="also run the real app on this open_cache URL (repeatable)")
+    p.add_argument("--app-seconds", type=float, metavar="S",
+                   help="length of each measured round of the real app")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     p.add_argument("--publish", action="store_true",
                    help="copy the plots to docs/ and rewrite README.md's Performance section")
@@ -52,7 +59,8 @@ def _json_safe(x: Any) -> Any:
 
 
 def _measure(cfg: Config, sections: list[str], keys: tuple[str, ...] | None,
-             argv: list[str]) -> dict[str, Any]:
+             argv: list[str], urls: tuple[str, ...] = (), args_only: bool = False
+             ) -> dict[str, Any]:
     progress = Progress(len(sections) + 1)
     progress.section("setup")
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -74,11 +82,16 @@ def _measure(cfg: Config, sections: list[str], keys: tuple[str, ...] | None,
         "table": lambda: table.run(cfg, progress),
         "e2e": lambda: e2e.run(cfg, chosen, res, progress),
         "memory": lambda: memory.run(cfg, progress),
+        "app": lambda: app.run(cfg, res, progress, urls),
     }
     try:
         for name in sections:
             progress.section(name)
             if name == "e2e" and not cfg.e2e_seconds:
+                continue
+            if name == "app" and not cfg.app_seconds:
+                if args_only:
+                    note(f"the real app is not part of --{cfg.name}: add --app-seconds S")
                 continue
             cpu0, s0 = cpu_times(), time.perf_counter()
             result[name] = runners[name]()
@@ -97,17 +110,43 @@ def _measure(cfg: Config, sections: list[str], keys: tuple[str, ...] | None,
     return result
 
 
+def _app_options(cfg: Config, args: argparse.Namespace) -> Config:
+    """The real app's command-line settings over the preset's (``ValueError`` if wrong)."""
+    changes: dict[str, Any] = {}
+    if args.app_seconds is not None:
+        if not (math.isfinite(args.app_seconds) and 0 < args.app_seconds <= 600):
+            raise ValueError(f"--app-seconds must be in (0, 600], got {args.app_seconds:g}")
+        changes["app_seconds"] = args.app_seconds
+    if args.app_caches is not None:
+        chosen = tuple(k for k in args.app_caches.split(",") if k)
+        unknown = [k for k in chosen if k not in app.BUILTIN_KEYS]
+        if unknown:
+            raise ValueError(f"--app-caches: unknown cache {unknown[0]!r}; choose from "
+                             f"{', '.join(app.BUILTIN_KEYS)}")
+        changes["app_caches"] = chosen
+    for url in args.app_cache:
+        if "://" not in url:
+            raise ValueError(f"--app-cache: {url!r} is not a cache URL (scheme://...)")
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     cfg = PRESETS["smoke"] if args.smoke else PRESETS["quick"] if args.quick else FULL
+    try:
+        cfg = _app_options(cfg, args)
+    except ValueError as exc:
+        print(f"python -m bench: error: {exc}", file=sys.stderr)
+        return 2
     if args.from_json:
         result = json.loads(args.from_json.read_text())
         out = args.out or args.from_json.parent
     else:
         sections = [s for s in SECTIONS if args.only is None or s in args.only.split(",")]
         keys = tuple(args.backends.split(",")) if args.backends else None
-        result = _measure(cfg, sections, keys, argv)
+        result = _measure(cfg, sections, keys, argv, tuple(args.app_cache),
+                          args_only=args.only is not None)
         out = args.out or ROOT / "bench" / "results" / cfg.name
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []

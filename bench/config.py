@@ -31,6 +31,13 @@ class Config:
     e2e_backends: tuple[str, ...]
     # memory
     big_capacity: int
+    # the real app (issue 11; 0 seconds: skipped unless --app-seconds is given)
+    app_seconds: float = 10.0  # one measured round (the seed app's cache TTL is 10 s)
+    app_warmup: float = 2.0
+    app_rounds: int = 1  # each round: keep-alive, then a new connection per request
+    app_logouts: int = 10  # users logged out in each round, under load
+    app_caches: tuple[str, ...] = ("inmemory", "shm", "shm-256", "shm-512", "redis")
+    app_dependencies: tuple[str, ...] = ("sync", "async")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,6 +64,9 @@ QUICK = Config(
     churn_ops=100_000, churn_checkpoints=4,
     e2e_seconds=1.0, e2e_backends=_E2E,
     big_capacity=1_000_000,
+    # No real app: its figures need rounds as long as the cache TTL (10 s), and ten
+    # servers; `--quick --only app --app-seconds S` runs it anyway.
+    app_seconds=0.0,
 )
 
 # For tests/test_bench.py: every section's machinery, one backend pair, a few hundred calls.
@@ -68,6 +78,8 @@ SMOKE = Config(
     churn_ops=2000, churn_checkpoints=2,
     e2e_seconds=0.0, e2e_backends=(),
     big_capacity=10000,
+    # --smoke --only app --app-seconds 1 (tests/test_bench.py): one seed/value-mode pair.
+    app_seconds=0.0, app_warmup=0.0, app_logouts=2, app_caches=("inmemory", "shm-512"),
 )
 
 PRESETS = {c.name: c for c in (FULL, QUICK, SMOKE)}

@@ -36,38 +36,32 @@ TOKENS = 500  # distinct users hitting the endpoint (every worker sees each in t
 WORKERS = 4
 
 
-class _Server:
-    def __init__(self, key: str, res: Resources, secret: str) -> None:
-        self.key = key
+class Gunicorn:
+    """gunicorn with ``bench/gunicorn_conf.py`` on a free loopback port, the repository on
+    ``PYTHONPATH``, its output in ``log``; ``stop`` shuts it down gracefully."""
+
+    def __init__(self, app: str, env: dict[str, str], log: Path,
+                 worker_class: str | None = None, workers: int = WORKERS) -> None:
         self.port = free_port()
-        env = dict(os.environ)
-        env.update({
-            "BENCH_BACKEND": key,
-            "BENCH_SECRET": secret,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-        })
-        if key.startswith("shm"):
-            env.update({
-                "SHMCACHE_NAME": segment_name("e2e"),
-                "SHMCACHE_CAPACITY": "65536",
-                "SHMCACHE_VALUE_SIZE": str(VALUE_SIZE if key == "shm-value" else 0),
-            })
-        if key == "redis":
-            env["BENCH_REDIS_PORT"] = str(res.redis_port())
-        self.log = Path(res.tmpdir) / f"gunicorn-{key}.log"
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", str(HERE / "gunicorn_conf.py"),
-                 "-w", str(WORKERS), "-b", f"127.0.0.1:{self.port}", "bench.wsgi_app:app"],
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-            )
+        self.log = log
+        self.expected = workers
+        full = dict(os.environ)
+        full.update(env)
+        full["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), full.get("PYTHONPATH")]))
+        cmd = [sys.executable, "-m", "gunicorn", "-c", str(HERE / "gunicorn_conf.py"),
+               "-w", str(workers), "-b", f"127.0.0.1:{self.port}"]
+        if worker_class:
+            cmd += ["-k", worker_class]
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen([*cmd, app], cwd=ROOT, env=full, stdout=out,
+                                         stderr=subprocess.STDOUT)
 
     def workers(self, timeout: float = 30.0) -> dict[int, dict[str, int]]:
         """Each worker's /health answer (pid, hits, misses), asking until every worker has
         answered once (gunicorn hands each connection to whichever worker accepts it)."""
         seen: dict[int, dict[str, int]] = {}
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and len(seen) < WORKERS:
+        while time.monotonic() < deadline and len(seen) < self.expected:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gunicorn exited: {self.log.read_text()[-2000:]}")
             with contextlib.suppress(OSError, ValueError):
@@ -81,11 +75,6 @@ class _Server:
             raise RuntimeError(f"gunicorn never answered: {self.log.read_text()[-2000:]}")
         return seen
 
-    def hit_rate(self) -> float:
-        counts = self.workers(timeout=5).values()
-        hits = sum(c["hits"] for c in counts)
-        return ratio(hits, hits + sum(c["misses"] for c in counts))
-
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)  # graceful: on_exit unlinks the segment
@@ -96,11 +85,35 @@ class _Server:
                 self.proc.wait()
 
 
-def _wrk(port: int, token_file: Path, seconds: float) -> dict[str, Any]:
+class _Server(Gunicorn):
+    def __init__(self, key: str, res: Resources, secret: str) -> None:
+        self.key = key
+        env = {"BENCH_BACKEND": key, "BENCH_SECRET": secret}
+        if key.startswith("shm"):
+            env.update({
+                "SHMCACHE_NAME": segment_name("e2e"),
+                "SHMCACHE_CAPACITY": "65536",
+                "SHMCACHE_VALUE_SIZE": str(VALUE_SIZE if key == "shm-value" else 0),
+            })
+        if key == "redis":
+            env["BENCH_REDIS_PORT"] = str(res.redis_port())
+        super().__init__("bench.wsgi_app:app", env, Path(res.tmpdir) / f"gunicorn-{key}.log")
+
+    def hit_rate(self) -> float:
+        counts = self.workers(timeout=5).values()
+        hits = sum(c["hits"] for c in counts)
+        return ratio(hits, hits + sum(c["misses"] for c in counts))
+
+
+def wrk(port: int, token_file: Path, seconds: float, connections: int = 8,
+        close: bool = False) -> dict[str, Any]:
+    """wrk (one thread) on ``GET /me`` with a random token of ``token_file`` per request;
+    ``close`` sends ``Connection: close`` (a new connection per request, so the kernel
+    spreads them over the workers). The figures of ``bench/wrk_report.lua``."""
     out = subprocess.run(
-        ["wrk", "-t1", "-c8", f"-d{max(1, round(seconds))}s", "--timeout", "5s",
+        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "5s",
          "-s", str(HERE / "wrk_report.lua"), f"http://127.0.0.1:{port}/me",
-         "--", str(token_file)],
+         "--", str(token_file), "close" if close else "keepalive"],
         capture_output=True, text=True, timeout=seconds + 60, check=False,
     )
     for line in out.stdout.splitlines():
@@ -145,8 +158,8 @@ def run(cfg: Config, backends: list[Backend], res: Resources, progress: Progress
                 progress.step(f"round {r + 1}/{rounds}: {labels[key]}")
                 if use_wrk:
                     if r == 0:  # unmeasured: fill every worker's view; servers stay up
-                        _wrk(server.port, token_file, warm)
-                    runs[key].append(_wrk(server.port, token_file, per_round))
+                        wrk(server.port, token_file, warm)
+                    runs[key].append(wrk(server.port, token_file, per_round))
                 else:
                     if r == 0:
                         httpclient.load(server.port, pool, warm)

@@ -14,7 +14,7 @@ from typing import Any
 
 _PACKAGES = (
     "shmcache", "posix_ipc", "xxhash", "lmdb", "diskcache", "redis", "gunicorn",
-    "matplotlib", "numpy",
+    "matplotlib", "numpy", "fastapi", "pydantic", "uvicorn", "uvicorn-worker",
 )
 
 

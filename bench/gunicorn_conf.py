@@ -1,4 +1,5 @@
-"""gunicorn settings for the end-to-end benchmark (``-c bench/gunicorn_conf.py``).
+"""gunicorn settings for the end-to-end and real-app benchmarks (``-c bench/gunicorn_conf.py``;
+the command line adds ``-w``, ``-b`` and, for the real app, ``-k``).
 
 For the shmcache backends the master creates the segment before forking, through the
 package's own hooks (``shmcache.gunicorn``) when they exist, else through a minimal
@@ -16,7 +17,9 @@ accesslog = None
 loglevel = "warning"
 proc_name = "shmcache-bench"
 
-if os.environ.get("BENCH_BACKEND") in ("shm", "shm-value"):
+# bench.e2e says BENCH_BACKEND; bench.app (any worker class) says BENCH_SHM_HOOKS=1.
+if (os.environ.get("BENCH_BACKEND") in ("shm", "shm-value")
+        or os.environ.get("BENCH_SHM_HOOKS") == "1"):
     try:
         from shmcache.gunicorn import child_exit, on_exit, on_starting  # noqa: F401
     except ImportError:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .report import OP_NAMES
+from .report import APP_VARIANTS, OP_NAMES
 from .stats import finite
 
 
@@ -142,6 +142,43 @@ def e2e(data: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def app(data: dict[str, Any], path: Path) -> Path:
+    """The real app: validations per 1000 requests, requests/s and stale acceptances, per
+    cache, one bar per dependency x connection mode."""
+    plt = _plt()
+    rows = [r for r in data["caches"].values() if r.get("variants")]
+    variants = [(d, m) for d, m in APP_VARIANTS if d in data["dependencies"]]
+    fig, axes = plt.subplots(1, 3, figsize=(18, 0.9 * len(rows) + 2.2), sharey=True)
+    height = 0.8 / len(variants)
+    panels = (("validations_per_1000", "database validations per 1000 requests"),
+              ("rps", "requests/s"),
+              ("stale", "requests accepted after their logout returned"))
+    for ax, (field, title) in zip(axes, panels, strict=True):
+        for i, (d, m) in enumerate(variants):
+            values = []
+            for r in rows:
+                v = r["variants"].get(d, {}).get(m)
+                x = (v["stale"]["accepted_after_logout"] if field == "stale" else v[field]) \
+                    if v is not None else float("nan")
+                values.append(x if finite(x) else 0)
+            ys = [j + (i - (len(variants) - 1) / 2) * height for j in range(len(rows))]
+            ax.barh(ys, values, height=height, label=f"{d}, {data['modes'][m]}")
+            for y, x in zip(ys, values, strict=True):
+                ax.text(x, y, f" {x:,.0f}", va="center", fontsize=7)
+        ax.set_title(title)
+        if field == "stale":
+            ax.set_xscale("symlog")
+    axes[0].set_yticks(range(len(rows)), [r["label"] for r in rows])
+    axes[0].invert_yaxis()
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Real app: FastAPI under gunicorn, {data['users']} users, "
+                 f"{data['logouts_per_round']} logouts per round")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_all(result: dict[str, Any], out: Path) -> list[Path]:
     written = []
     if "single" in result:
@@ -152,4 +189,6 @@ def write_all(result: dict[str, Any], out: Path) -> list[Path]:
         written.append(table(result["table"], out / "table.png"))
     if result.get("e2e", {}).get("backends"):
         written.append(e2e(result["e2e"], out / "e2e.png"))
+    if result.get("app", {}).get("caches"):
+        written.append(app(result["app"], out / "app.png"))
     return written

@@ -132,6 +132,71 @@ def e2e_table(e2e: dict[str, Any]) -> Table:
     return (f"End to end: {e2e['server']}, load from {e2e['client']}", headers, rows)
 
 
+APP_VARIANTS = (("sync", "close"), ("sync", "keepalive"), ("async", "close"),
+                ("async", "keepalive"))
+
+
+def _per_1000(x: Any) -> str:
+    if not finite(x):
+        return "-"
+    return f"{x:.1f}" if x < 10 else f"{x:.0f}"
+
+
+def app_validations_table(data: dict[str, Any]) -> Table:
+    modes = data["modes"]
+    variants = [(d, m) for d, m in APP_VARIANTS if d in data["dependencies"]]
+    headers = ["cache"] + [f"{d} dependency, {modes[m]}" for d, m in variants]
+    rows = []
+    for row in data["caches"].values():
+        if "skipped" in row:
+            rows.append([row["label"], f"skipped: {row['skipped']}", *[""] * (len(variants) - 1)])
+            continue
+        cells = [row["label"]]
+        for d, m in variants:
+            v = row["variants"].get(d, {}).get(m)
+            if v is None:
+                cells.append(f"skipped: {row['skipped_variants'].get(d, '')}"[:60])
+                continue
+            r = v.get("validations_ratio")
+            cells.append(_per_1000(v["validations_per_1000"])
+                         + (f" ({times(r)})" if finite(r) else ""))
+        rows.append(cells)
+    return (f"Real app, database validations per 1000 requests (ratio to the seed's, same "
+            f"column): {data['server']}, {data['users']} users, TTL {data['ttl']:g} s, "
+            f"{data['rounds']} x {data['seconds']:g} s per column, load from "
+            f"{data['client']}", headers, rows)
+
+
+def app_load_table(data: dict[str, Any]) -> Table:
+    headers = ["cache", "dependency", "connections", "requests/s", "latency p50 / p99",
+               "accepted after logout (users; longest)", "validations overlapping a logout",
+               "requests per worker", "errors"]
+    rows = []
+    for row in data["caches"].values():
+        for d, m in APP_VARIANTS:
+            v = row["variants"].get(d, {}).get(m)
+            if v is None:
+                continue
+            lat, st = v["latency_us"], v["stale"]
+            spread = v["per_worker"]
+            stale = str(st["accepted_after_logout"])
+            if st["accepted_after_logout"]:
+                stale += f" ({st['users']} of {st['logouts']}; {st['longest_ms']:,.0f} ms)"
+            errors = str(v["socket_errors"])
+            if v["logout_failures"]:
+                errors += f", {v['logout_failures']} logouts failed"
+            rows.append([
+                row["label"], d, data["modes"][m], f"{v['rps']:,.0f}",
+                " / ".join(ns(lat[p] * 1000) for p in ("p50", "p99")), stale,
+                str(st.get("overlapping_validations", "-")),
+                " / ".join(f"{x / max(1, sum(spread)):.0%}" for x in spread), errors,
+            ])
+    return (f"Real app under load: {data['logouts_per_round']} users log out during each "
+            "round; a request of theirs accepted after their logout returned is stale; a "
+            "validation that began before the logout returned and ended after it may have "
+            "cached the logged-out session", headers, rows)
+
+
 def memory_table(memory: dict[str, Any]) -> Table:
     headers = ["segment", "bytes per session", "size / capacity", "bytes per slot",
                "create", "attach", "attach (other process)"]
@@ -156,18 +221,18 @@ def targets_table(targets: list[dict[str, Any]]) -> Table:
     rows = []
     for t in targets:
         unit = t["unit"]
+        digits = t.get("digits", 2 if unit == "x" else 1)
         figs = ", ".join(
-            f"{k} {v:.2f}{unit}" if unit == "x" else f"{k} {v:.1f}{unit}"
-            for k, v in t["figures"].items()
+            f"{k} {v:.{digits}f}{unit}" for k, v in t["figures"].items()
         ) or "not measured"
-        ctx = ", ".join(f"{k} {v:.2f}{unit}" for k, v in t.get("context", {}).items()
+        ctx = ", ".join(f"{k} {v:.{digits}f}{unit}" for k, v in t.get("context", {}).items()
                         if finite(v))
         if ctx:
             figs += f" (for comparison: {ctx})"
         met = {True: "met", False: "MISSED", None: "-"}[t["met"]]
         rows.append([t["name"], f"{t['cmp']} {t['limit']:g}{unit}", figs, met,
                      t.get("why", "")])
-    return ("Targets (issue 4)", headers, rows)
+    return ("Targets (issues 4 and 11)", headers, rows)
 
 
 def all_tables(result: dict[str, Any]) -> list[Table]:
@@ -182,6 +247,8 @@ def all_tables(result: dict[str, Any]) -> list[Table]:
         out.append(e2e_table(result["e2e"]))
     if "memory" in result:
         out.append(memory_table(result["memory"]))
+    if result.get("app", {}).get("caches"):
+        out += [app_validations_table(result["app"]), app_load_table(result["app"])]
     out.append(targets_table(result["targets"]))
     return out
 

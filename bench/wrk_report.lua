@@ -1,17 +1,22 @@
 -- wrk script: a random token of the file given as the first argument per request, and
--- one JSON line of figures at the end (prefix WRKJSON, read by bench/e2e.py).
+-- one JSON line of figures at the end (prefix WRKJSON, read by bench/e2e.py). A second
+-- argument "close" asks for a new connection per request (Connection: close).
 local tokens = {}
+local headers = {}
 
 function init(args)
   for line in io.lines(args[1]) do
     tokens[#tokens + 1] = line
   end
+  if args[2] == "close" then
+    headers["Connection"] = "close"
+  end
   math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16) % 100000)
 end
 
 function request()
-  local t = tokens[math.random(#tokens)]
-  return wrk.format("GET", "/me", { ["Authorization"] = "Bearer " .. t })
+  headers["Authorization"] = "Bearer " .. tokens[math.random(#tokens)]
+  return wrk.format("GET", "/me", headers)
 end
 
 function done(summary, latency, requests)

@@ -4,9 +4,9 @@ A fixed-size hash table in a named POSIX shared-memory segment, guarded by a sem
 survives the death of its holder, behind the ``SessionCache`` protocol of the seed app, so
 that a logout seen by one gunicorn worker is seen by all.
 
-Beyond one host, ``RedisSessionCache`` and ``TieredSessionCache`` (the shared-memory table in
-front of Redis) implement the same protocol, and ``open_cache(url)`` chooses a backend from
-one configuration string.
+Beyond one host, ``RedisSessionCache``, ``DatabaseSessionCache`` (SQLite or PostgreSQL) and
+``TieredSessionCache`` (the shared-memory table in front of Redis or PostgreSQL) implement the
+same protocol, and ``open_cache(url)`` chooses a backend from one configuration string.
 """
 
 from ._errors import (
@@ -17,6 +17,7 @@ from ._errors import (
     InvalidType,
     LockTimeout,
     NoSpace,
+    SecretMismatch,
     SegmentCorrupted,
     SegmentExists,
     SegmentNotFound,
@@ -29,6 +30,7 @@ from .codecs import Codec, JsonCodec, PickleCodec
 from .memory import InMemorySessionCache, NoOpSessionCache
 from .redis.cache import RedisSessionCache
 from .shm.cache import SharedMemorySessionCache
+from .sql.cache import DatabaseSessionCache
 from .tiered import TieredSessionCache
 
 __version__ = "0.1.0"
@@ -37,6 +39,7 @@ __all__ = [
     "CacheClosed",
     "CacheUnavailable",
     "Codec",
+    "DatabaseSessionCache",
     "InMemorySessionCache",
     "IncompatibleSegment",
     "InvalidArgument",
@@ -47,6 +50,7 @@ __all__ = [
     "NoSpace",
     "PickleCodec",
     "RedisSessionCache",
+    "SecretMismatch",
     "SegmentCorrupted",
     "SegmentExists",
     "SegmentNotFound",

@@ -44,6 +44,12 @@ class IncompatibleSegment(ShmCacheError):
     """
 
 
+class SecretMismatch(IncompatibleSegment):
+    """A Redis prefix is already in use with another secret (its stored fingerprint is not
+    this client's): hosts that share a prefix must share the secret, or a logout on one
+    would not reach the others. The message names the prefix, never a secret."""
+
+
 class SegmentCorrupted(ShmCacheError):
     """A write found the segment damaged; ``check()`` says where."""
 
@@ -68,6 +74,8 @@ class CacheUnavailable(ShmCacheError, ConnectionError):
     that did not reach the server must never be reported as done.
     """
 
+    code: str = ""  # the server's error code if it refused ("READONLY"...); "": no reply
+
 
 __all__ = [
     "CacheClosed",
@@ -77,6 +85,7 @@ __all__ = [
     "InvalidType",
     "LockTimeout",
     "NoSpace",
+    "SecretMismatch",
     "SegmentCorrupted",
     "SegmentExists",
     "SegmentNotFound",

@@ -7,9 +7,13 @@
                                        attached
     redis://[user:password@]host:6379/0?prefix=shmcache:&timeout=1&fail_open=false
     rediss://...  unix:///path/redis.sock?db=0
-                                       RedisSessionCache
+    redis+cluster://host:7000[,host:7001...]/   rediss+cluster://...
+    redis+sentinel://host:26379[,host:26380...]/SERVICE[/db]   rediss+sentinel://...
+    valkey://... (and each form above with valkey for redis: the valkey-py client)
+                                       RedisSessionCache; every Redis form also takes
+                                       min_replicas=N&replica_timeout=0.5
     shm+redis://host:6379/0?shm=NAME&capacity=65536&value_size=256&max_staleness=1
-    shm+rediss://...  shm+unix:///path/redis.sock?shm=NAME
+    shm+ + any Redis form above (shm+rediss://, shm+unix://, shm+redis+cluster://...)
                                        TieredSessionCache: the shm table in front of Redis
 
 Keyword options go to the constructors (``codec=``, ``secret=``, ``clock=``...) and win over
@@ -33,13 +37,21 @@ from ._errors import (
 from ._protocol import SessionCache
 from .memory import InMemorySessionCache, NoOpSessionCache
 from .redis.cache import RedisSessionCache
-from .redis.client import redact, redis_py_url_params
+from .redis.client import SCHEMES as REDIS_SCHEMES
+from .redis.client import library_params, redact
 from .shm.cache import SharedMemorySessionCache
 from .shm.startup import create_or_attach
+from .sql.urls import OPENERS as _SQL_OPENERS
 from .tiered import TieredSessionCache
 
 _SHM_PARAMS = {"capacity": int, "value_size": int, "lock_timeout": float}
-_REDIS_PARAMS = {"prefix": str, "timeout": float, "fail_open": bool}
+_REDIS_PARAMS = {
+    "prefix": str,
+    "timeout": float,
+    "fail_open": bool,
+    "min_replicas": int,
+    "replica_timeout": float,
+}
 _TIER_PARAMS = {"shm": str, "max_staleness": float, "subscribe": bool}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -148,12 +160,9 @@ _OPENERS: dict[str, Callable[[str, dict[str, Any]], SessionCache]] = {
     "memory": _open_memory,
     "noop": _open_noop,
     "shm": _open_shm,
-    "redis": _open_redis,
-    "rediss": _open_redis,
-    "unix": _open_redis,
-    "shm+redis": _open_tiered,
-    "shm+rediss": _open_tiered,
-    "shm+unix": _open_tiered,
+    **{scheme: _open_redis for scheme in REDIS_SCHEMES},
+    **{"shm+" + scheme: _open_tiered for scheme in REDIS_SCHEMES},
+    **_SQL_OPENERS,  # sqlite://, postgresql://, postgres://, shm+postgresql:// (issue 14)
 }
 _SCHEMES_HELP = "use one of " + ", ".join(f"{s}://" for s in _OPENERS)
 
@@ -190,35 +199,27 @@ def _shm_create_or_attach(name: str, settings: dict[str, Any]) -> SharedMemorySe
 
 
 def _split_redis_url(url: str, ours: dict[str, type]) -> tuple[str, dict[str, Any]]:
-    """``url`` without our parameters (for redis-py), and our parameters, converted."""
-    parts = urlsplit(url)
-    if parts.fragment:
+    """``url`` without our parameters (for the client library), and our parameters,
+    converted. The rest of the URL (hosts, path, the library's options) is checked by
+    ``shmcache.redis.client`` when the client is made."""
+    if urlsplit(url).fragment:
         raise InvalidArgument(f"{redact(url)!r}: a cache URL has no #fragment")
-    try:
-        parts.port  # noqa: B018  (urlsplit checks the port only when asked)
-    except ValueError as exc:
-        raise InvalidArgument(f"{redact(url)!r}: {exc}") from None
-    if parts.scheme.lower() == "unix" and not parts.path:
-        raise InvalidArgument(f"{redact(url)!r}: give the socket path, unix:///path/redis.sock")
-    if parts.scheme.lower() != "unix" and parts.path not in ("", "/"):
-        db = parts.path.strip("/")
-        if not db.isdigit():
-            raise InvalidArgument(f"{redact(url)!r}: the path must be a database number")
-    redis_py = redis_py_url_params()
+    library = library_params(url)
     mine: dict[str, Any] = {}
     theirs: list[tuple[str, str]] = []
     for key, raw in _pairs(url):
         if key in ours:
             mine[key] = _convert(url, key, raw, ours[key])
-        elif key in redis_py:
+        elif key in library:
             theirs.append((key, raw))
         else:
-            accepted = ", ".join(sorted({*ours, *redis_py}))
+            accepted = ", ".join(sorted({*ours, *library}))
             raise InvalidArgument(
                 f"unknown parameter {key!r} in {redact(url)!r}; accepted: {accepted}"
             )
-    # Not urlunsplit: it turns unix:///path into unix:/path, which redis-py refuses.
-    base = parts.scheme.lower() + url[len(parts.scheme) :].partition("?")[0]
+    # Not urlunsplit: it turns unix:///path into unix:/path, which the libraries refuse.
+    scheme = url.partition("://")[0]
+    base = scheme.lower() + url[len(scheme) :].partition("?")[0]
     return (base + "?" + urlencode(theirs) if theirs else base), mine
 
 

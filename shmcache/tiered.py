@@ -28,7 +28,6 @@ seconds after the Redis read that made it, and that read began before the revoca
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import threading
 import time
@@ -40,14 +39,11 @@ from . import _args
 from ._closing import ClosesOnExit
 from ._errors import CacheUnavailable, InvalidArgument, InvalidType
 from ._protocol import SessionCache, UserIdOf, UserSessionCache
-from .redis.cache import RedisSessionCache
-
-log = logging.getLogger("shmcache.tiered")
+from ._remote import RemoteTier
+from ._subscription import SilentLink, Subscriber, Subscription
 
 Clock = Callable[[], float]
 _MEMO_MAX = 65536  # token -> key hash memo entries before it is emptied and refilled
-_POLL_SLICE = 0.2  # seconds a subscriber waits for a message before looking at its stop flag
-_BACKOFF_MAX = 2.0
 _HEX = frozenset("0123456789abcdef")
 
 _instances: weakref.WeakSet[TieredSessionCache] = weakref.WeakSet()
@@ -90,7 +86,7 @@ class TieredSessionCache(ClosesOnExit):
     def __init__(
         self,
         local: SessionCache,
-        remote: RedisSessionCache,
+        remote: RemoteTier,
         *,
         max_staleness: float = 1.0,
         subscribe: bool = True,
@@ -99,9 +95,10 @@ class TieredSessionCache(ClosesOnExit):
     ) -> None:
         if not isinstance(local, SessionCache):
             raise InvalidArgument(f"local must be a SessionCache, got {type(local).__name__}")
-        if not isinstance(remote, RedisSessionCache):
+        if not isinstance(remote, RemoteTier):
             raise InvalidArgument(
-                f"remote must be a RedisSessionCache, got {type(remote).__name__}"
+                "remote must be a RedisSessionCache or a DatabaseSessionCache (PostgreSQL), "
+                f"got {type(remote).__name__}"
             )
         if not isinstance(subscribe, bool):
             raise InvalidArgument(f"subscribe must be True or False, got {subscribe!r}")
@@ -116,8 +113,8 @@ class TieredSessionCache(ClosesOnExit):
         self._memo: dict[str, str] = {}
         self._subscribe = subscribe
         self._start_pending = subscribe  # checked on every call: a bool, not a getpid()
-        self._subscriber: _Subscriber | None = None
-        self._pubsub: Any = None  # poll()'s subscription
+        self._subscriber: Subscriber | None = None
+        self._polled: Subscription | None = None  # poll()'s subscription
         self._guard = threading.Lock()
         self._closed = False
         self._local_hits = 0
@@ -125,6 +122,7 @@ class TieredSessionCache(ClosesOnExit):
         self._misses = 0
         self._messages = 0
         self._resubscribes = 0
+        self._silent_links = 0
         remote.add_secret_listener(self._secret_changed)
         _instances.add(self)
 
@@ -239,36 +237,30 @@ class TieredSessionCache(ClosesOnExit):
     def poll(self, timeout: float = 0.0) -> int:
         """Apply the invalidation messages that arrived (waiting up to ``timeout`` seconds
         for the first); returns how many. For ``subscribe=False``; the first call
-        subscribes (and applies nothing older). Raises ``CacheUnavailable``."""
+        subscribes (and applies nothing older). Raises ``CacheUnavailable``, also when the
+        subscription did not answer a PING (sent by an earlier call) within S / 2: call it
+        at least every S / 4 seconds, or the link is declared silent."""
         if self._subscribe:
             raise InvalidArgument("poll() is for subscribe=False: a subscriber thread runs")
         remote = self._remote
         handled = 0
-
-        def drain() -> None:
-            nonlocal handled
-            if self._pubsub is None:
-                self._pubsub = remote.pubsub()
-                self._pubsub.subscribe(remote.channel)
+        try:
+            if self._polled is None:
+                self._polled = Subscription(self, self._staleness)
             wait = timeout
             while True:
-                message = self._pubsub.get_message(timeout=wait)
-                if message is None:
-                    return
+                kind = self._polled.read(self, wait)
+                if kind is None:
+                    return handled
                 wait = 0.0
-                kind = message.get("type")
-                if kind == "subscribe":
-                    self._subscribed()
-                elif kind == "message":
-                    self.apply(message["data"])
-                    handled += 1
-
-        try:
-            drain()
+                handled += kind == "message"
+        except SilentLink:
+            self._silent_links += 1
+            self._drop_polled()
+            raise
         except remote.unavailable_errors as exc:
-            self._drop_pubsub()
+            self._drop_polled()
             raise CacheUnavailable(f"Redis subscription failed: {exc}") from exc
-        return handled
 
     def apply(self, data: bytes) -> None:
         """Apply one invalidation message (``b"i:<hash>"``, ``b"u:<user hash>"`` or
@@ -283,6 +275,14 @@ class TieredSessionCache(ClosesOnExit):
         elif data == b"c":
             self._local.clear()
         # anything else is from a newer version or another program: not ours to act on
+
+    @property
+    def remote(self) -> RemoteTier:
+        return self._remote
+
+    @property
+    def max_staleness(self) -> float:
+        return self._staleness
 
     @property
     def subscribed(self) -> bool:
@@ -312,6 +312,7 @@ class TieredSessionCache(ClosesOnExit):
             "misses": self._misses,
             "messages": self._messages,
             "resubscribes": self._resubscribes,
+            "silent_links": self._silent_links,
             "subscribed": self.subscribed,
             "local": local_stats() if callable(local_stats) else {},
             "remote": self._remote.stats(),
@@ -327,7 +328,7 @@ class TieredSessionCache(ClosesOnExit):
             subscriber, self._subscriber = self._subscriber, None
         if subscriber is not None:
             subscriber.stop()
-        self._drop_pubsub()
+        self._drop_polled()
         try:
             self._remote.close()
         finally:
@@ -382,69 +383,16 @@ class TieredSessionCache(ClosesOnExit):
             if not self._start_pending or self._closed:
                 return
             self._start_pending = False
-            self._subscriber = _Subscriber(self)
+            self._subscriber = Subscriber(self)
 
     def _forget_subscriber(self) -> None:
         self._subscriber = None
-        self._pubsub = None
+        self._polled = None
         self._guard = threading.Lock()
         self._resubscribes = 0
         self._start_pending = self._subscribe and not self._closed
 
-    def _drop_pubsub(self) -> None:
-        pubsub, self._pubsub = self._pubsub, None
-        if pubsub is not None:
-            with contextlib.suppress(Exception):
-                pubsub.close()
-
-
-class _Subscriber:
-    """A daemon thread that applies invalidation messages to the host's table, and
-    resubscribes (with backoff) when the connection is lost."""
-
-    def __init__(self, cache: TieredSessionCache) -> None:
-        self._cache = weakref.ref(cache)  # the thread must not keep a dropped cache alive
-        self._remote = cache._remote
-        self.confirmed = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name="shmcache-invalidations", daemon=True
-        )
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join(2 * _POLL_SLICE + 5)
-
-    def _run(self) -> None:
-        backoff = 0.05
-        while not self._stop.is_set():
-            pubsub = None
-            try:
-                pubsub = self._remote.pubsub()
-                pubsub.subscribe(self._remote.channel)
-                while not self._stop.is_set():
-                    message = pubsub.get_message(timeout=_POLL_SLICE)
-                    cache = self._cache()
-                    if cache is None or cache.closed:
-                        return
-                    if message is None:
-                        continue
-                    kind = message.get("type")
-                    if kind == "subscribe":
-                        cache._subscribed()
-                        self.confirmed.set()
-                        backoff = 0.05
-                    elif kind == "message":
-                        cache.apply(message["data"])
-                    del cache
-            except Exception as exc:  # Redis gone, or the local tier failed: resubscribe
-                self.confirmed.clear()
-                log.warning("shmcache: invalidation subscriber: %s; resubscribing", exc)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, _BACKOFF_MAX)
-            finally:
-                if pubsub is not None:
-                    with contextlib.suppress(Exception):
-                        pubsub.close()
+    def _drop_polled(self) -> None:
+        polled, self._polled = self._polled, None
+        if polled is not None:
+            polled.close()

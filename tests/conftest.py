@@ -12,27 +12,16 @@ from collections.abc import Callable, Iterator
 import _redis_support
 import posix_ipc
 import pytest
+from _clock import FakeClock
 from _redis_support import (  # noqa: F401  (fixtures of the Redis tests, offered to all)
     own_redis,
     redis_prefix,
     redis_raw,
     redis_server,
 )
+from sql._pg_support import own_pg, pg_server, pg_table, sqlite_file  # noqa: F401  (fixtures)
 
 from shmcache import SharedMemorySessionCache
-
-
-class FakeClock:
-    """A clock tests move by hand (seconds, like time.monotonic)."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def _unlink(name: str) -> None:

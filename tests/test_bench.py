@@ -98,7 +98,7 @@ def test_table_memory_and_targets(smoke: tuple[dict[str, Any], str, Path]) -> No
 def test_terminal_report(smoke: tuple[dict[str, Any], str, Path]) -> None:
     stdout = smoke[1]
     for title in ("Single process", "Many processes, sticky", "Table behaviour", "Memory",
-                  "Targets (issue 4)"):
+                  "Targets (issues 4 and 11)"):
         assert title in stdout
 
 
@@ -138,7 +138,7 @@ def test_every_missed_target_is_explained_in_one_line(
     assert explained == set(targets.WHY_MISSED)
     assert all("\n" not in why and "|" not in why for why in targets.WHY_MISSED.values())
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    table = readme[readme.index("**Targets (issue 4)**"):].split("\n\n")[1]
+    table = readme[readme.index("**Targets (issues 4 and 11)**"):].split("\n\n")[1]
     missed = [row.split(" | ") for row in table.splitlines() if "| MISSED |" in row]
     assert missed, "the README's targets table has no MISSED row to check"
     for cells in missed:
@@ -153,3 +153,114 @@ def test_plots(smoke: tuple[dict[str, Any], str, Path], tmp_path: Path) -> None:
     assert {p.name for p in written} == {"latency.png", "scaling.png", "table.png"}
     for p in written:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- the real app (issue 11): FastAPI under gunicorn with uvicorn workers --------------------
+
+APP_VARIANTS = [(d, m) for d in ("sync", "async") for m in ("keepalive", "close")]
+
+
+@pytest.fixture(scope="module")
+def app_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    """A tiny round (1 s, no warm-up) of every variant, on the seed and a value-mode cache."""
+    out = tmp_path_factory.mktemp("bench-app")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--only", "app", "--app-seconds", "1",
+         "--no-plots", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "bench.json").read_text()), proc.stdout
+
+
+def test_real_app_counts_every_request(app_run: tuple[dict[str, Any], str]) -> None:
+    app = app_run[0]["app"]
+    assert "uvicorn_worker.UvicornWorker -w 4" in app["server"]
+    assert app["users"] == 200 and app["ttl"] == 10
+    assert set(app["caches"]) == {"inmemory", "shm-512"}
+    for key, row in app["caches"].items():
+        assert not row["skipped_variants"], (key, row["skipped_variants"])
+        for dep, mode in APP_VARIANTS:
+            v = row["variants"][dep][mode]
+            where = (key, dep, mode)
+            assert _positive(v["rps"]) and v["requests"] > 0, where
+            lat = v["latency_us"]
+            assert 0 < lat["p50"] <= lat["p99"] <= lat["p999"], where
+            c = v["counted"]
+            # Every request the auth dependency ran is a hit, a validation or a 401, and
+            # every worker counted its own: the workers' counts add up.
+            assert c["requests"] > 0, where
+            assert c["requests"] == c["hits"] + c["db_found"] + c["rejected"], (where, c)
+            assert c["db_found"] <= c["db_lookups"], (where, c)
+            assert len(v["per_worker"]) == 4 and sum(v["per_worker"]) == c["requests"], where
+            assert v["accepted"] == c["hits"] + c["db_found"], where
+            assert 0 <= v["validations_per_1000"] <= 1000, where
+            # TTL 10 s, and a round far shorter: a user is validated at most once per worker.
+            assert c["db_found"] <= 200 * 4, (where, c)
+            # Both logouts of the round returned, and the stale count is a count.
+            assert c["logouts"] == 2 and v["logout_failures"] == 0, (where, v["rounds"])
+            stale = v["stale"]
+            assert stale["logouts"] == 2, where
+            assert 0 <= stale["users"] <= 2 and stale["accepted_after_logout"] >= 0, where
+            assert (stale["users"] == 0) == (stale["accepted_after_logout"] == 0), where
+            assert stale["overlapping_validations"] >= 0, where
+    seed = app["caches"]["inmemory"]["variants"]
+    for dep, mode in APP_VARIANTS:
+        if seed[dep][mode]["validations_per_1000"] > 0:  # else no ratio to speak of
+            assert seed[dep][mode]["validations_ratio"] == 1.0
+    stats = app["caches"]["shm-512"]["cache_stats"]
+    assert set(stats) == {"sync", "async"} and stats["sync"]["oversize"] == 0
+
+
+def test_real_app_report_targets_plot_and_readme(
+    app_run: tuple[dict[str, Any], str], tmp_path: Path
+) -> None:
+    result, stdout = app_run
+    for title in ("Real app, database validations per 1000 requests", "Real app under load",
+                  "Targets (issues 4 and 11)"):
+        assert title in stdout
+    names = [t["name"] for t in result["targets"]]
+    assert sum(n.startswith("real app") for n in names) == 3
+    logout = next(t for t in result["targets"] if "logout returned" in t["name"])
+    assert set(logout["figures"]) == {"shmcache, value_size=512"}
+    assert set(logout["context"]) == {"seed (its bug)"}
+    pytest.importorskip("matplotlib")
+    from bench import plots, readme
+
+    png = plots.app(result["app"], tmp_path / "app.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = readme.section(result, ["docs/bench-app.png"])
+    assert "| InMemorySessionCache (seed), 4 workers |" in text
+    assert "![the real app" in text and "(docs/bench-app.png)" in text
+
+
+def test_stale_acceptances_are_told_from_races_and_earlier_requests() -> None:
+    from bench.appcounters import stale_acceptances
+
+    done = {1: 1000, 2: 5000}  # user -> instant (ns) its logout returned
+    accepts = [
+        (1, 900, 950, False),  # before the logout: fine
+        (1, 990, 1010, False),  # a hit whose lookup began before the logout returned
+        (1, 1001, 1002, False),  # after: stale
+        (1, 3000, 3001, False),  # stale, 2000 ns after
+        (1, 9000, 9001, False),  # after the end of the round: not counted
+        (2, 4000, 6000, True),  # a validation across the logout: overlapping
+        (2, 4000, 4500, True),  # validated and cached before the logout: fine
+        (3, 2000, 2001, False),  # never logged out
+    ]
+    assert stale_acceptances(accepts, done, until_ns=8000) == {
+        "logouts": 2, "accepted_after_logout": 2, "users": 1, "longest_ms": 0.002,
+        "overlapping_validations": 1,
+    }
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--app-caches", "shm,nope"], "--app-caches: unknown cache 'nope'"),
+    (["--app-seconds", "0"], "--app-seconds must be in (0, 600]"),
+    (["--app-cache", "not-a-url"], "is not a cache URL"),
+])
+def test_real_app_options_are_checked(args: list[str], message: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--only", "app", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr

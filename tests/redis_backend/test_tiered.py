@@ -216,7 +216,8 @@ def test_new_secret_drops_local_copies(
         b.poll()
         a.set("tok", "s", 60)
         assert b.get("tok") == "s"
-        redis_raw.delete(redis_prefix + "secret")  # a FLUSHDB would do the same
+        tag = "{" + redis_prefix + "}"
+        redis_raw.delete(tag + "secret", tag + "fingerprint")  # what a FLUSHDB does
         a.set("tok", "s2", 60)  # a makes the next secret and announces it
         eventually(lambda: b.poll(0.05) > 0 and b.get("tok") == "s2", "the new secret")
 

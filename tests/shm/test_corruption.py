@@ -24,7 +24,7 @@ from shmcache import (
     SharedMemorySessionCache,
     ShmCacheError,
 )
-from shmcache.shm.layout import HEADER_SIZE, W_JOURNAL, W_OWNER
+from shmcache.shm.layout import HEADER_SIZE, MUTEX_OFFSET, W_JOURNAL, W_WRITING
 
 TIMEOUT = 60.0
 FORK = multiprocessing.get_context("fork")
@@ -134,31 +134,17 @@ def test_unreadable_journal_word_is_reported(segment_name: str) -> None:
         cache.close()
 
 
-def test_garbage_owner_word_naming_no_process_is_recovered(segment_name: str) -> None:
-    """An owner word naming no living process (garbage) with the semaphore free: a write
-    recovers it rather than hang."""
-    cache = SharedMemorySessionCache.create(segment_name, capacity=100, value_size=64)
-    try:
-        poke(segment_name, W_OWNER * 8, U64.pack(0x0BADF00D_7FFFFFF0))
-        in_child(lambda: cache.set("tok", {"token": "tok"}, 60.0))
-        assert cache.get("tok") == {"token": "tok"}
-        assert cache.stats()["lock_owner"] is None
-        assert cache._segment.sem.value == 1
-        assert cache.check() == []
-    finally:
-        cache.close()
-
-
-def test_garbage_owner_word_naming_a_live_process_heals(segment_name: str) -> None:
-    """An owner word naming a live process (pid 1, any start time accepted when the word
-    carries none) while the semaphore is free: the writer that takes the semaphore sees the
-    word unchanged for a whole lock_timeout (no recoverer holds a critical section that
-    long), claims the lock as a recovery, and the segment works again. Nothing hangs."""
+def test_garbage_in_the_lock_bytes_times_out_and_is_reported(segment_name: str) -> None:
+    """Lock bytes overwritten to name a thread that does not hold them (only a writer of the
+    segment can do that): the kernel is the judge of ownership, not elapsed time, so writes
+    raise LockTimeout (bounded, never hang, never "recover" a lock nobody died holding) and
+    check() reports the lock. Nothing else is disturbed: reads go on."""
     cache = SharedMemorySessionCache.create(
-        segment_name, capacity=100, value_size=64, lock_timeout=0.3
+        segment_name, capacity=100, value_size=64, lock_timeout=0.2
     )
     try:
-        poke(segment_name, W_OWNER * 8, U64.pack(1))
+        cache.set("before", {"token": "before"}, 60.0)
+        poke(segment_name, MUTEX_OFFSET, struct.pack("<i", 1))  # "held by thread 1"
 
         def attempt() -> str:
             try:
@@ -168,12 +154,10 @@ def test_garbage_owner_word_naming_a_live_process_heals(segment_name: str) -> No
             return "set succeeded"
 
         outcome = in_child(attempt)
-        assert outcome == "set succeeded", outcome
-        stats = cache.stats()
-        assert stats["lock_recoveries"] == 1
-        assert stats["lock_owner"] is None
-        assert cache.check() == []
-        cache.set("again", {"token": "again"}, 60.0)  # no timeout any more
+        assert outcome.startswith("LockTimeout"), outcome
+        assert cache.get("before") == {"token": "before"}
+        assert cache.stats()["lock_recoveries"] == 0
+        assert any(p.startswith("lock:") for p in cache.check())
     finally:
         cache.close()
 
@@ -349,6 +333,7 @@ def test_misplaced_or_duplicated_whole_entry_is_reported(
         cache._lock.acquire()
         try:
             table._write_slot_locked(target, tag, meta, value)  # the table's own writer
+            table.words[W_WRITING] = 0  # a complete write, as the cache ends one
         finally:
             cache._lock.release()
         problems = cache.check()

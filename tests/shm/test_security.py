@@ -19,6 +19,8 @@ import posix_ipc
 import pytest
 
 from shmcache import (
+    InvalidArgument,
+    PickleCodec,
     SegmentExists,
     SegmentPermissionError,
     SharedMemorySessionCache,
@@ -148,7 +150,13 @@ def test_segment_owned_by_another_uid_is_refused(segment_name: str, which: str) 
     assert isinstance(excinfo.value, ShmCacheError)
     assert isinstance(excinfo.value, PermissionError)
     if which == "both":
-        trusted = SharedMemorySessionCache.attach(segment_name, owner_uid=NOBODY)
+        # Trusting another owner's segment does not extend to unpickling what it wrote...
+        with pytest.raises(InvalidArgument, match="unpickled"):
+            SharedMemorySessionCache.attach(segment_name, owner_uid=NOBODY)
+        # ...unless the caller names the codec itself.
+        trusted = SharedMemorySessionCache.attach(
+            segment_name, owner_uid=NOBODY, codec=PickleCodec()
+        )
         try:
             assert trusted.get("tok") == {"token": "tok"}
         finally:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from unittest import mock
 
 import pytest
-from conftest import FakeClock
+from _clock import FakeClock
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (

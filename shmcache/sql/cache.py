@@ -1,0 +1,457 @@
+"""``DatabaseSessionCache``: the ``SessionCache`` protocol on a SQL table (SQLite or
+PostgreSQL), the seed's third backend.
+
+Layer: backends. Tokens, user ids, the secret, values and their MACs live here; the SQL
+lives in the stores (``sqlite.py``, ``postgres.py``), which move opaque bytes. The keyed
+hashes and MACs are the Redis backend's (``shmcache.redis.secret``), so both backends
+hash a token to the same 32 hex digits under the same secret.
+
+A value is ``version (1 byte, 1) | MAC (16 bytes) | codec bytes``; the MAC is a keyed
+BLAKE2b of ``"{table}:{key hex}"``, the version, the owner (16 zero bytes: none) and the
+codec bytes, so a value moved to another token or user, truncated, or written by anything
+that does not hold the secret is a miss (``stats()["decode_errors"]``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import math
+import secrets
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from .. import _args
+from .._errors import CacheUnavailable, InvalidArgument, InvalidType
+from .._protocol import UserIdOf
+from .._remote import Found, Listener, RemoteSessionCache
+from ..codecs import Codec, JsonCodec, PickleCodec
+from ..redis.secret import MAC_SIZE, Secret, derive, mac
+from .store import StaleFingerprint
+from .urls import make_store
+
+Clock = Callable[[], float]
+T = TypeVar("T")
+
+_VERSION = b"\x01"
+_NO_OWNER = bytes(16)
+_VALUE_START = 1 + MAC_SIZE
+_SECRET_TRIES = 3  # the meta row replaced twice during one call: someone keeps deleting it
+RECLAIM_EVERY = 128  # sets between two reclaims of expired rows, per process
+RECLAIM_BATCH = 256  # expired rows deleted per reclaim: twice what the sets in between add
+
+
+def fingerprint(raw: bytes) -> bytes:
+    """What the meta row keeps to tell secrets apart (never the secret itself)."""
+    return hashlib.blake2b(raw, digest_size=16, person=b"shmcache-fprint").digest()
+
+
+class DatabaseSessionCache(RemoteSessionCache):
+    """A ``SessionCache`` on a SQL table that every process (SQLite: of one host;
+    PostgreSQL: of every host) shares: a logout in one is a miss in all, at once.
+
+    ``DatabaseSessionCache("sqlite:////var/lib/myapp/sessions.db")``,
+    ``DatabaseSessionCache("postgresql://user:pw@host:5432/db")`` (also ``postgres://``),
+    or ``DatabaseSessionCache(connect=make_connection, dialect="postgresql")`` with a
+    callable returning a new psycopg 3 (or ``sqlite3``) connection, called once per
+    connection this process needs.
+
+    Options: ``table`` (``shmcache_sessions``; made if missing, with ``{table}_meta``),
+    ``timeout`` (1 s: SQLite's busy timeout; PostgreSQL's connect, pool and statement
+    timeout), ``unlogged`` (PostgreSQL: an UNLOGGED table, emptied by a crash; ignored by
+    SQLite), ``user_id_of``, ``clock`` (tests: the expiry clock instead of the database's).
+
+    The secret of the keyed hashes: ``secret=None`` (default) keeps a random one in
+    ``{table}_meta``, made by the first client; whoever can read the table can then check
+    a guessed token and forge values, so the default codec is ``JsonCodec`` and
+    ``PickleCodec`` is refused. ``secret=b"..."`` (at least 16 bytes, the same on every
+    host) stores only its fingerprint: the database alone reveals nothing, values written
+    without it are refused, and the default codec is ``PickleCodec``. A client whose
+    secret does not match the table's raises ``InvalidArgument`` at its first call.
+
+    Failures (unreachable, locked past ``timeout``): ``fail_open=False`` raises
+    ``CacheUnavailable``; ``fail_open=True`` makes ``get`` a miss and ``set`` a no-op
+    (both counted in ``stats()["unavailable"]``). ``invalidate``, ``invalidate_by_user``
+    and ``clear`` always raise: a logout is never reported done when it was not.
+    """
+
+    _what = "DatabaseSessionCache"
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        connect: Callable[[], Any] | None = None,
+        dialect: str | None = None,
+        table: str = "shmcache_sessions",
+        secret: bytes | str | None = None,
+        codec: Codec | None = None,
+        user_id_of: UserIdOf | None = None,
+        timeout: float = 1.0,
+        fail_open: bool = False,
+        unlogged: bool = True,
+        clock: Clock | None = None,
+    ) -> None:
+        for name, flag in (("fail_open", fail_open), ("unlogged", unlogged)):
+            if not isinstance(flag, bool):
+                raise InvalidArgument(f"{name} must be True or False, got {flag!r}")
+        for name, fn in (("user_id_of", user_id_of), ("clock", clock)):
+            if fn is not None and not callable(fn):
+                raise InvalidType(f"{name} must be callable, got {type(fn).__name__}")
+        if secret is None:
+            self._fixed: Secret | None = None
+        else:
+            raw = secret.encode() if isinstance(secret, str) else secret
+            if not isinstance(raw, bytes) or len(raw) < 16:
+                raise InvalidArgument("secret must be bytes or str of at least 16 bytes")
+            self._fixed = derive(raw, shared=False)
+        if codec is None:
+            codec = JsonCodec() if secret is None else PickleCodec()
+        elif not (callable(getattr(codec, "encode", None))
+                  and callable(getattr(codec, "decode", None))):
+            raise InvalidType(f"codec must have encode and decode, got {type(codec).__name__}")
+        elif secret is None and isinstance(codec, PickleCodec):
+            raise InvalidArgument(
+                "PickleCodec needs secret=: without it the hashing secret is kept in the "
+                "database, and anyone who can read and write the table could make get() "
+                "unpickle bytes of their choosing. Pass secret= (the same on every host) "
+                "or use JsonCodec"
+            )
+        timeout = _args.positive_number("timeout", timeout)
+        self._store = make_store(url, connect, dialect, table, timeout, unlogged)
+        self._codec: Codec = codec
+        self._fail_open = fail_open
+        self._user_id_of = user_id_of
+        self._clock = clock
+        self._active: tuple[Secret, bytes] | None = None  # the secret in use, its fingerprint
+        self._secret_lock = threading.Lock()
+        self._listeners: list[Listener] = []
+        self._closed = False
+        self._unavailable = 0
+        self._decode_errors = 0
+        self._sets = 0
+        self._reclaimed = 0
+
+    # -- the pieces TieredSessionCache builds on (see shmcache._remote.RemoteTier) --------
+
+    def lookup(self, token: str) -> Found | None:
+        """``(session, seconds it has left, key hash, owner hash or None)``, or None;
+        raises ``CacheUnavailable``."""
+        def run(secret: Secret, fp: bytes) -> tuple[bytes, Any, Secret]:
+            key = _hash(secret.key_mac, token)
+            return key, self._store.lookup(key, fp, self._now()), secret
+
+        key, row, secret = self._run("get", run)
+        if row is None:
+            return None
+        value, owner, left_ms = row
+        session = self._decode(secret, key, owner, value)
+        if session is None:
+            return None
+        return session[0], left_ms / 1000, key.hex(), None if owner is None else owner.hex()
+
+    def store(
+        self, token: str, session: Any, ttl: float, user: str | None = None
+    ) -> tuple[str, str | None]:
+        """Write ``session`` (``ttl`` and ``user``, in ``user_key`` form, already checked);
+        returns the key hash and the owner hash used."""
+        try:
+            payload = self._codec.encode(session)
+        except (TypeError, ValueError) as exc:
+            raise InvalidType(
+                f"{type(self._codec).__name__} cannot encode a {type(session).__name__}: "
+                f"{exc}"
+            ) from exc
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise InvalidType(f"codec.encode returned {type(payload).__name__}, not bytes")
+        payload = bytes(payload)
+        ttl_ms = max(1, math.ceil(ttl * 1000))
+
+        def run(secret: Secret, fp: bytes) -> tuple[bytes, bytes | None]:
+            key = _hash(secret.key_mac, token)
+            owner = None if user is None else _hash(secret.user_mac, user)
+            value = self._seal(secret, key, owner, payload)
+            self._store.store(key, owner, value, ttl_ms, fp, self._now())
+            return key, owner
+
+        key, owner = self._run("set", run)
+        self._sets += 1
+        if self._sets % RECLAIM_EVERY == 0:
+            self._reclaim()
+        return key.hex(), None if owner is None else owner.hex()
+
+    def remove(self, token: str) -> str:
+        """Delete ``token``'s row and announce its key hash (PostgreSQL: NOTIFY, in the
+        same transaction); returns the key hash."""
+        def run(secret: Secret, fp: bytes) -> bytes:
+            key = _hash(secret.key_mac, token)
+            self._store.remove(key, fp, "i:" + key.hex())
+            return key
+
+        return self._run("invalidate", run).hex()
+
+    def revoke(self, user: str) -> tuple[int, str]:
+        """Delete every row of ``user`` (``user_key`` form) and announce the owner hash,
+        in one statement (SQLite: one write transaction); returns how many were live
+        and the owner hash. A ``set`` commits wholly before it (and is deleted) or after
+        it: none escapes."""
+        def run(secret: Secret, fp: bytes) -> tuple[int, bytes]:
+            owner = _hash(secret.user_mac, user)
+            return self._store.revoke(owner, fp, self._now(), "u:" + owner.hex()), owner
+
+        count, owner = self._run("invalidate_by_user", run)
+        return count, owner.hex()
+
+    def clear(self) -> None:
+        """Delete every session of this table (other tables and the secret stay) and
+        announce it; raises ``CacheUnavailable`` if the database cannot be reached."""
+        self._ensure_open()
+        self._run("clear", lambda secret, fp: self._store.clear(fp, "c"))
+
+    def key_of(self, token: str) -> str:
+        """The 32-hex-digit keyed hash that stands for ``token`` in the table and in
+        invalidation messages."""
+        self._ensure_open()
+        return _hash(self._current("get")[0].key_mac, token).hex()
+
+    def cached_key_of(self, token: str) -> str | None:
+        secret = self._known_secret()
+        return None if secret is None else _hash(secret.key_mac, token).hex()
+
+    def cached_owner_of(self, user: str) -> str | None:
+        secret = self._known_secret()
+        return None if secret is None else _hash(secret.user_mac, user).hex()
+
+    def add_secret_listener(self, listener: Listener) -> None:
+        """Call ``listener()`` whenever the shared secret may have changed. SQLite refuses:
+        it has no invalidation channel for a tier in front of it."""
+        if self._store.dialect != "postgresql":
+            self._store.listen()  # raises, saying what to use instead
+        self._listeners.append(listener)
+
+    def pubsub(self) -> Any:
+        """A subscription to the invalidation channel (PostgreSQL: LISTEN, on a
+        connection of its own)."""
+        return self._store.listen()
+
+    @property
+    def channel(self) -> str:
+        return self._store.channel
+
+    @property
+    def unavailable_errors(self) -> tuple[type[BaseException], ...]:
+        return self._store.errors
+
+    # -- administration ------------------------------------------------------------------
+
+    def purge(self) -> int:
+        """Delete expired rows now, and rows that fail their MAC (damaged, written without
+        the secret, or under a secret no longer in use); returns how many. Writes also
+        reclaim expired rows as they go (a batch every ``RECLAIM_EVERY`` sets)."""
+        self._ensure_open()
+        expired = self._call("purge", lambda: self._store.purge(self._now()))
+        damaged = self._damaged()
+        removed = self._call("purge", lambda: self._store.delete_keys(damaged)) if damaged else 0
+        return int(expired) + int(removed)
+
+    def check(self) -> list[str]:
+        """Integrity problems, ``[]`` when whole: the secret, the database's own check
+        (SQLite), file permissions, and every row's format and MAC."""
+        self._ensure_open()
+        try:
+            self._current("check")
+        except InvalidArgument as exc:
+            return [str(exc)]
+        problems = self._call(
+            "check", lambda: self._store.problems(shared_secret=self._fixed is None)
+        )
+        damaged = self._damaged()
+        if damaged:
+            problems.append(
+                f"{len(damaged)} rows fail their format or MAC check (damaged, written "
+                "without the secret, or under an older one): misses for every client; "
+                "purge() removes them"
+            )
+        return list(problems)
+
+    def stats(self) -> dict[str, Any]:
+        """This process's counters, and the table's figures (``entries``, ``expired``,
+        ``users``; ``error`` instead if the database could not be reached)."""
+        self._ensure_open()
+        out: dict[str, Any] = {
+            "backend": "database",
+            "dialect": self._store.dialect,
+            "database": self._store.describe(),
+            "table": self._store.table,
+            "hits": self._hits,
+            "misses": self._misses,
+            "unavailable": self._unavailable,
+            "decode_errors": self._decode_errors,
+            "reclaimed": self._reclaimed,
+            "fail_open": self._fail_open,
+            "shared_secret": self._fixed is None,
+        }
+        try:
+            out.update(self._call("stats", lambda: self._store.counts(self._now())))
+        except CacheUnavailable as exc:
+            out["error"] = str(exc)
+        return out
+
+    def close(self) -> None:
+        """Close this process's connections (and the pool); later calls raise
+        ``CacheClosed``."""
+        if self._closed:
+            return
+        self._closed = True
+        self._store.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{self._store.describe()} table={self.table!r}"
+        return f"<DatabaseSessionCache {state}>"
+
+    @property
+    def table(self) -> str:
+        return self._store.table
+
+    @property
+    def dialect(self) -> str:
+        return self._store.dialect
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _now(self) -> int | None:
+        clock = self._clock
+        return None if clock is None else round(clock() * 1000)
+
+    def _call(self, op: str, fn: Callable[[], T]) -> T:
+        """``fn()`` (store calls); a database failure is ``CacheUnavailable``."""
+        try:
+            return fn()
+        except self._store.errors as exc:
+            self._unavailable += 1
+            detail = " ".join(str(exc).split())  # libpq's messages span lines
+            raise CacheUnavailable(
+                f"{self._store.dialect} {op} failed: {type(exc).__name__}: {detail}"
+            ) from exc
+
+    def _run(self, op: str, fn: Callable[[Secret, bytes], T]) -> T:
+        """``fn(secret, fingerprint)``, again under the table's current secret if the
+        meta row no longer holds the one ``fn`` hashed with."""
+        self._ensure_open()
+        for _ in range(_SECRET_TRIES):
+            secret, fp = self._current(op)
+            def attempt(s: Secret = secret, f: bytes = fp) -> T:
+                return fn(s, f)
+
+            try:
+                return self._call(op, attempt)
+            except StaleFingerprint:
+                self._forget(secret)
+        self._unavailable += 1
+        raise CacheUnavailable(
+            f"{self._store.dialect} {op} failed: {self._store.meta} changed "
+            f"{_SECRET_TRIES} times during one call (is something deleting it?)"
+        )
+
+    def _current(self, op: str) -> tuple[Secret, bytes]:
+        active = self._active
+        if active is not None:
+            return active
+        with self._secret_lock:
+            if self._active is None:
+                self._active = self._call(op, self._load_secret)
+            return self._active
+
+    def _load_secret(self) -> tuple[Secret, bytes]:
+        store = self._store
+        row = store.read_meta()
+        if self._fixed is not None:
+            mine = fingerprint(self._fixed.raw)
+            if row is None:
+                row = store.create_meta(None, mine)
+            if row[1] != mine:
+                raise InvalidArgument(
+                    f"secret= is not the secret table {store.table!r} is used with (its "
+                    f"{store.meta} row holds another fingerprint): every host must be given "
+                    "the same secret, or none"
+                )
+            return self._fixed, mine
+        if row is None:
+            fresh = secrets.token_bytes(32)
+            row = store.create_meta(fresh, fingerprint(fresh))
+        raw, fp = row
+        if raw is None:
+            raise InvalidArgument(
+                f"table {store.table!r} is used with a secret given to each client "
+                "(secret=), and this client was given none"
+            )
+        if fingerprint(raw) != fp:
+            raise CacheUnavailable(f"{store.meta}: the stored secret does not match its "
+                                   "fingerprint (the row was damaged)")
+        return derive(raw, shared=True), fp
+
+    def _known_secret(self) -> Secret | None:
+        active = self._active
+        return active[0] if active is not None else self._fixed
+
+    def _forget(self, stale: Secret) -> None:
+        with self._secret_lock:
+            if self._active is not None and self._active[0] is stale:
+                self._active = None
+        if self._fixed is None:
+            # The shared secret may be a new one: every key hash handed out is then stale.
+            for listener in list(self._listeners):
+                listener()
+
+    def _seal(self, secret: Secret, key: bytes, owner: bytes | None, payload: bytes) -> bytes:
+        head = _VERSION + (owner or _NO_OWNER)
+        return _VERSION + mac(secret, f"{self._store.table}:{key.hex()}", head, payload) + payload
+
+    def _open_value(
+        self, secret: Secret, key: bytes, owner: bytes | None, value: bytes
+    ) -> bytes | None:
+        """The codec bytes of a row, or None if its format or MAC is wrong."""
+        if (len(value) < _VALUE_START or value[:1] != _VERSION
+                or (owner is not None and len(owner) != 16)):
+            return None
+        payload = value[_VALUE_START:]
+        head = _VERSION + (owner or _NO_OWNER)
+        expected = mac(secret, f"{self._store.table}:{key.hex()}", head, payload)
+        return payload if hmac.compare_digest(value[1:_VALUE_START], expected) else None
+
+    def _decode(
+        self, secret: Secret, key: bytes, owner: bytes | None, value: bytes
+    ) -> tuple[Any] | None:
+        payload = self._open_value(secret, key, owner, value)
+        if payload is None:
+            self._decode_errors += 1
+            return None
+        try:
+            return (self._codec.decode(payload),)
+        except Exception:  # a codec that cannot read it: a miss, as in the shared table
+            self._decode_errors += 1
+            return None
+
+    def _damaged(self) -> list[bytes]:
+        secret = self._current("check")[0]
+
+        def scan() -> list[bytes]:
+            return [key for key, owner, value in self._store.rows()
+                    if len(key) != 16 or self._open_value(secret, key, owner, value) is None]
+
+        return self._call("check", scan)
+
+    def _reclaim(self) -> None:
+        # A failure is counted; the set itself succeeded, and the next reclaim tries again.
+        with contextlib.suppress(CacheUnavailable):
+            self._reclaimed += self._call(
+                "reclaim", lambda: self._store.purge(self._now(), RECLAIM_BATCH)
+            )
+
+
+def _hash(state: Any, text: str) -> bytes:
+    mac_ = state.copy()
+    mac_.update(_args.token_bytes(text))
+    return bytes(mac_.digest())

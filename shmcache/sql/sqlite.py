@@ -1,0 +1,312 @@
+"""The session table on SQLite: one database file that every process of one host opens.
+
+Layer: the storage layer of the database backend (see ``store.py``); knows nothing of
+tokens or sessions. Uses only the standard library's ``sqlite3``.
+
+- WAL mode (set on every connection; it persists in the file): readers never wait for a
+  writer, and a writer killed mid-transaction leaves nothing half-written (its frames are
+  never committed; the kernel drops its locks).
+- ``timeout`` is SQLite's busy timeout: a write that cannot get the lock in that time
+  fails (``database is locked``), and ``DatabaseSessionCache`` turns that into
+  ``CacheUnavailable``.
+- Connections are per process (a forked child opens its own) and handed to one thread at a
+  time. Writes that read first (logouts) run in ``BEGIN IMMEDIATE``, so two of them never
+  deadlock on a lock upgrade.
+- Durability: ``synchronous=NORMAL`` for sets (a power cut may lose the last ones: those
+  sessions are validated again), ``FULL`` for logouts, so a logout that returned survives
+  a power cut.
+- The file is created 0600: it holds the shared secret (when ``secret=`` is not given),
+  and whoever can read that secret can forge values.
+- The clock: SQLite's own ``julianday('now')`` (the host's wall clock, in ms), unless the
+  cache was given ``clock=``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import stat
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .._errors import InvalidType
+from .store import LocalPool, SqlStore, StaleFingerprint
+
+NOW = "COALESCE(:now, CAST(round((julianday('now') - 2440587.5) * 86400000) AS INTEGER))"
+
+
+def _private_file(path: str) -> None:
+    """Create ``path`` empty and owner-only if it does not exist (SQLite would make it
+    0644 under the usual umask)."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+
+
+class SqliteStore(SqlStore):
+    dialect = "sqlite"
+    errors = (sqlite3.Error, OSError)
+
+    def __init__(
+        self,
+        table: str,
+        timeout: float,
+        *,
+        path: str | None = None,
+        connect: Callable[[], Any] | None = None,
+    ) -> None:
+        super().__init__(table, timeout)
+        self.path = path
+        self._connect = connect
+        self._pool: LocalPool[sqlite3.Connection] = self._new_pool()
+
+    def describe(self) -> str:
+        return f"sqlite:///{self.path}" if self.path else "sqlite (connect=)"
+
+    # -- connections ---------------------------------------------------------------------
+
+    def _new_pool(self) -> LocalPool[sqlite3.Connection]:
+        return LocalPool(self._open, lambda conn: conn.close())
+
+    def _open(self) -> sqlite3.Connection:
+        if self._connect is not None:
+            conn = self._connect()
+            if not isinstance(conn, sqlite3.Connection):
+                raise InvalidType(
+                    f"connect= must return a sqlite3 connection for dialect 'sqlite', got "
+                    f"{type(conn).__name__}"
+                )
+        else:
+            assert self.path is not None
+            _private_file(self.path)
+            conn = sqlite3.connect(self.path, timeout=self.timeout, check_same_thread=False)
+        try:
+            conn.isolation_level = None  # autocommit; transactions are explicit
+            conn.execute(f"PRAGMA busy_timeout = {round(self.timeout * 1000)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _with_connection(self, fn: Callable[[Any], Any]) -> Any:
+        with self._pool.connection() as conn:
+            return fn(conn)
+
+    def forget_connections(self) -> None:
+        self._pool.abandon()
+        self._pool = self._new_pool()
+
+    def close(self) -> None:
+        self._pool.close()
+
+    @contextlib.contextmanager
+    def _write(self, conn: sqlite3.Connection, durable: bool = False) -> Iterator[None]:
+        if durable:
+            conn.execute("PRAGMA synchronous = FULL")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            if durable:
+                conn.execute("PRAGMA synchronous = NORMAL")
+
+    def _check_fp(self, conn: sqlite3.Connection, fp: bytes) -> None:
+        row = conn.execute(f"SELECT fingerprint FROM {self.meta} WHERE id = 1").fetchone()
+        if row is None or row[0] != fp:
+            raise StaleFingerprint
+
+    # -- schema and meta -----------------------------------------------------------------
+
+    def create_schema(self, conn: sqlite3.Connection) -> None:
+        t = self.table
+        (found,) = conn.execute(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN (?, ?)",
+            (t, self.meta),
+        ).fetchone()
+        if found == 2:
+            return  # no write transaction: a process starting while a writer waits starts
+        with self._write(conn):
+            conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {t} (key BLOB PRIMARY KEY, owner BLOB, "
+                "expires INTEGER NOT NULL, value BLOB NOT NULL) WITHOUT ROWID"
+            )
+            conn.execute(
+                f"CREATE INDEX IF NOT EXISTS {t}_owner ON {t} (owner) WHERE owner IS NOT NULL"
+            )
+            conn.execute(f"CREATE INDEX IF NOT EXISTS {t}_expires ON {t} (expires)")
+            conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {self.meta} (id INTEGER PRIMARY KEY "
+                "CHECK (id = 1), secret BLOB, fingerprint BLOB NOT NULL)"
+            )
+
+    def is_missing_table(self, exc: BaseException) -> bool:
+        return isinstance(exc, sqlite3.OperationalError) and "no such table" in str(exc)
+
+    def read_meta(self) -> tuple[bytes | None, bytes] | None:
+        def op(conn: sqlite3.Connection) -> Any:
+            return conn.execute(
+                f"SELECT secret, fingerprint FROM {self.meta} WHERE id = 1"
+            ).fetchone()
+
+        row = self.run(op)
+        return None if row is None else (row[0], row[1])
+
+    def create_meta(self, secret: bytes | None, fp: bytes) -> tuple[bytes | None, bytes]:
+        def op(conn: sqlite3.Connection) -> Any:
+            with self._write(conn, durable=True):
+                conn.execute(
+                    f"INSERT INTO {self.meta} (id, secret, fingerprint) VALUES (1, ?, ?) "
+                    "ON CONFLICT (id) DO NOTHING",
+                    (secret, fp),
+                )
+                return conn.execute(
+                    f"SELECT secret, fingerprint FROM {self.meta} WHERE id = 1"
+                ).fetchone()
+
+        row = self.run(op)
+        return row[0], row[1]
+
+    # -- sessions ------------------------------------------------------------------------
+
+    def lookup(
+        self, key: bytes, fp: bytes, now: int | None
+    ) -> tuple[bytes, bytes | None, int] | None:
+        sql = (
+            f"SELECT m.fingerprint, s.value, s.owner, s.expires - {NOW} FROM {self.meta} m "
+            f"LEFT JOIN {self.table} s ON s.key = :key AND s.expires > {NOW} WHERE m.id = 1"
+        )
+        row = self.run(lambda conn: conn.execute(sql, {"key": key, "now": now}).fetchone())
+        if row is None or row[0] != fp:
+            raise StaleFingerprint
+        return None if row[1] is None else (row[1], row[2], row[3])
+
+    def store(
+        self, key: bytes, owner: bytes | None, value: bytes, ttl_ms: int, fp: bytes,
+        now: int | None,
+    ) -> None:
+        # One statement: written only if the meta row holds the caller's fingerprint.
+        sql = (
+            f"INSERT INTO {self.table} (key, owner, expires, value) "
+            f"SELECT :key, :owner, {NOW} + :ttl, :value FROM {self.meta} "
+            "WHERE id = 1 AND fingerprint = :fp "
+            "ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, "
+            "expires = excluded.expires, value = excluded.value"
+        )
+        params = {"key": key, "owner": owner, "ttl": ttl_ms, "value": value, "fp": fp,
+                  "now": now}
+        if self.run(lambda conn: conn.execute(sql, params).rowcount) != 1:
+            raise StaleFingerprint
+
+    def remove(self, key: bytes, fp: bytes, message: str) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            with self._write(conn, durable=True):
+                self._check_fp(conn, fp)
+                conn.execute(f"DELETE FROM {self.table} WHERE key = ?", (key,))
+
+        self.run(op)
+
+    def revoke(self, owner: bytes, fp: bytes, now: int | None, message: str) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            with self._write(conn, durable=True):
+                self._check_fp(conn, fp)
+                (live,) = conn.execute(
+                    f"SELECT count(*) FROM {self.table} WHERE owner = :owner "
+                    f"AND expires > {NOW}",
+                    {"owner": owner, "now": now},
+                ).fetchone()
+                conn.execute(f"DELETE FROM {self.table} WHERE owner = ?", (owner,))
+                return int(live)
+
+        return self.run(op)
+
+    def clear(self, fp: bytes, message: str) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            with self._write(conn, durable=True):
+                self._check_fp(conn, fp)
+                conn.execute(f"DELETE FROM {self.table}")
+
+        self.run(op)
+
+    def purge(self, now: int | None, limit: int | None = None) -> int:
+        t = self.table
+        if limit is None:
+            sql = f"DELETE FROM {t} WHERE expires <= {NOW}"
+        else:
+            sql = (
+                f"DELETE FROM {t} WHERE key IN (SELECT key FROM {t} WHERE expires <= {NOW} "
+                "ORDER BY expires LIMIT :limit)"
+            )
+        params = {"now": now, "limit": limit}
+        return int(self.run(lambda conn: conn.execute(sql, params).rowcount))
+
+    def delete_keys(self, keys: list[bytes]) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            with self._write(conn):
+                cur = conn.executemany(
+                    f"DELETE FROM {self.table} WHERE key = ?", [(k,) for k in keys]
+                )
+                return int(cur.rowcount)
+
+        return self.run(op)
+
+    # -- figures and integrity -----------------------------------------------------------
+
+    def counts(self, now: int | None) -> dict[str, Any]:
+        sql = (
+            f"SELECT coalesce(sum(expires > {NOW}), 0), coalesce(sum(expires <= {NOW}), 0), "
+            f"count(DISTINCT CASE WHEN expires > {NOW} THEN owner END) FROM {self.table}"
+        )
+
+        def op(conn: sqlite3.Connection) -> Any:
+            row = conn.execute(sql, {"now": now}).fetchone()
+            (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
+            return row, mode
+
+        (live, expired, users), mode = self.run(op)
+        out: dict[str, Any] = {"entries": live, "expired": expired, "users": users,
+                               "journal_mode": mode}
+        if self.path is not None:
+            out["path"] = self.path
+            out["file_bytes"] = os.path.getsize(self.path)
+        return out
+
+    def rows(self, batch: int = 1000) -> Iterator[tuple[bytes, bytes | None, bytes]]:
+        sql = f"SELECT key, owner, value FROM {self.table} WHERE key > ? ORDER BY key LIMIT ?"
+        after = b""
+        while True:
+            def fetch(conn: Any, start: bytes = after) -> list[Any]:
+                return list(conn.execute(sql, (start, batch)).fetchall())
+
+            chunk = self.run(fetch)
+            yield from chunk
+            if len(chunk) < batch:
+                return
+            after = chunk[-1][0]
+
+    def problems(self, shared_secret: bool) -> list[str]:
+        def op(conn: sqlite3.Connection) -> Any:
+            return (conn.execute("PRAGMA quick_check").fetchall(),
+                    conn.execute("PRAGMA journal_mode").fetchone()[0])
+
+        checked, mode = self.run(op)
+        out = [f"sqlite quick_check: {row[0]}" for row in checked if row[0] != "ok"]
+        if mode != "wal":
+            out.append(f"journal mode is {mode!r}, not 'wal': readers wait for writers")
+        if self.path is not None:
+            mode_bits = stat.S_IMODE(os.stat(self.path).st_mode)
+            if mode_bits & 0o022:
+                out.append(f"{self.path} is writable by group or others (mode "
+                           f"{mode_bits:o}): they can log anyone out, and replace sessions "
+                           "if they can also read the secret")
+            if shared_secret and mode_bits & 0o044:
+                out.append(f"{self.path} is readable by group or others (mode "
+                           f"{mode_bits:o}) and holds the shared secret: they can forge "
+                           "sessions (chmod 600, or give every client secret=)")
+        return out
