@@ -217,7 +217,7 @@ def memory_table(memory: dict[str, Any]) -> Table:
 
 
 def targets_table(targets: list[dict[str, Any]]) -> Table:
-    headers = ["target", "limit", "measured", "met"]
+    headers = ["target", "limit", "measured", "met", "why, if missed"]
     rows = []
     for t in targets:
         unit = t["unit"]
@@ -230,7 +230,8 @@ def targets_table(targets: list[dict[str, Any]]) -> Table:
         if ctx:
             figs += f" (for comparison: {ctx})"
         met = {True: "met", False: "MISSED", None: "-"}[t["met"]]
-        rows.append([t["name"], f"{t['cmp']} {t['limit']:g}{unit}", figs, met])
+        rows.append([t["name"], f"{t['cmp']} {t['limit']:g}{unit}", figs, met,
+                     t.get("why", "")])
     return ("Targets (issues 4 and 11)", headers, rows)
 
 

@@ -1,9 +1,11 @@
-"""Shared fixtures: unique segment names, cleaned up even when a test fails."""
+"""Shared fixtures (unique segment names, cleaned up even when a test fails) and the suite's
+rules: under CI a skip is a failure, and a missing package says how to install it."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -51,6 +53,17 @@ def make_name() -> Iterator[Callable[[], str]]:
         _unlink(name)
 
 
+INSTALL_HINT = "pip install -e '.[test]' installs every test dependency"
+_MISSING = re.compile(r"ModuleNotFoundError: No module named '([^']+)'")
+
+
+def _missing_module_hint(report: pytest.TestReport | pytest.CollectReport) -> None:
+    """A test (or test module) that fails for want of a package says how to install it."""
+    found = _MISSING.search(str(report.longrepr)) if report.failed else None
+    if found:
+        report.longrepr = f"{found[1]} is not installed: {INSTALL_HINT}\n\n{report.longrepr}"
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     """Under CI every test must run: a skip there is a failure that gives the skip's reason
@@ -61,6 +74,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
         report.longrepr = f"skipped under CI, where every test must run: {reason}"
+    _missing_module_hint(report)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    outcome = yield
+    _missing_module_hint(outcome.get_result())  # type: ignore[attr-defined]
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -125,8 +125,9 @@ def _wait_ready(server: Server, timeout: float = 60.0) -> None:
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
             with open(os.path.join(server.workdir, "gunicorn.log"), "rb") as f:
-                tail = f.read()[-2000:].decode(errors="replace")
-            raise RuntimeError(f"gunicorn exited with {server.process.returncode}:\n{tail}")
+                lines = f.read()[-2000:].decode(errors="replace").strip().splitlines()
+            last = lines[-1].strip() if lines else "no output"
+            raise RuntimeError(f"gunicorn exited with {server.process.returncode}: {last}")
         try:
             server.request("GET", "/health")
             return

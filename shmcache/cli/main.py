@@ -3,36 +3,33 @@
 Every command is safe against a live server: attaching and exiting never removes or damages
 a segment (posix_ipc has no resource tracker), reads take no lock, and writes take the same
 lock the workers take. Errors are one line on stderr and a non-zero exit, never a traceback,
-and no command ever prints a token or a session.
+and no command ever prints a token or a session. Exit status: 0 done, 1 refused or failed,
+2 bad usage, 130 interrupted, 141 the reader of stdout went away (``| head``).
+
+Integration layer. Here: the parser and the commands that attach; ``names.py``: create,
+unlink, list; ``stdio.py``: closed and broken standard streams; ``common.py``: refusals.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import importlib
 import json
-import os
 import pwd
-import stat
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
-from .._errors import InvalidArgument, SegmentNotFound, ShmCacheError
+from .. import __version__
+from .._errors import InvalidArgument, ShmCacheError
 from ..codecs import JsonCodec
 from ..shm import segment as _segment
 from ..shm.cache import SharedMemorySessionCache
-from ..shm.layout import HEADER, MAGIC
+from ..shm.layout import MAX_CAPACITY, MAX_VALUE_SIZE
 from ..sql import admin as _sql_admin
-
-
-class CommandError(Exception):
-    """A refusal worth one line to the user (exit status in ``code``)."""
-
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
+from . import stdio
+from .common import CommandError, for_cli
+from .names import cmd_create, cmd_list, cmd_unlink
 
 
 def _owner(value: str) -> int:
@@ -44,14 +41,17 @@ def _owner(value: str) -> int:
         raise argparse.ArgumentTypeError(f"no such user: {value!r}") from None
 
 
-def _positive(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {value}")
-    return number
+def _int_between(low: int, high: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}: {value}")
+        return number
+
+    return parse
 
 
 def _mode(value: str) -> int:
@@ -89,6 +89,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     with _attach(args) as cache:
         stats = cache.stats()
     stats["age_seconds"] = round(time.time() - stats["created"], 3)
+    stats.pop("tombstones", None)  # always 0: a removal zeroes its slot (README, "Capacity")
     if args.json:
         print(json.dumps(stats, indent=2, sort_keys=True))
         return 0
@@ -105,7 +106,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         ("capacity", f"{stats['capacity']} sessions ({stats['slots']} slots, window "
                      f"{stats['window']}, value size {stats['value_size']})"),
         ("entries", f"{stats['entries']} live, {stats['expired']} expired, "
-                    f"{stats['tombstones']} tombstones, {stats['invalid']} invalid"),
+                    f"{stats['invalid']} invalid"),
         ("load factor", f"{stats['load_factor']:.4f}"),
         ("hits / misses", f"{stats['hits']} / {stats['misses']}{rate}, "
                           f"{stats['processes']} processes"),
@@ -125,12 +126,15 @@ def cmd_reset(args: argparse.Namespace) -> int:
     with _attach(args) as cache:
         live = cache.stats()["entries"]
         if not args.yes:
-            if not sys.stdin.isatty():
+            if sys.stdin is None or not sys.stdin.isatty():
                 raise CommandError("refusing to reset without --yes (stdin is not a terminal)", 2)
-            answer = input(
-                f"Drop all {live} live sessions in {cache.name!r}? Every user must log in "
-                "again. [y/N] "
-            )
+            try:
+                answer = input(
+                    f"Drop all {live} live sessions in {cache.name!r}? Every user must log "
+                    "in again. [y/N] "
+                )
+            except EOFError:
+                answer = ""
             if answer.strip().lower() not in ("y", "yes"):
                 print("not reset")
                 return 1
@@ -178,88 +182,27 @@ def cmd_unlock(args: argparse.Namespace) -> int:
         raise CommandError(f"the lock is held by live process {owner}: not touching it")
 
 
-def cmd_create(args: argparse.Namespace) -> int:
-    cache = SharedMemorySessionCache.create(
-        args.name, args.capacity, args.value_size, mode=args.mode
-    )
-    with cache:
-        print(f"created {_segment.segment_path(cache.name)}: capacity {cache.capacity}, "
-              f"value size {cache.value_size}, {cache.stats()['size_bytes']} bytes")
-    return 0
-
-
-def cmd_unlink(args: argparse.Namespace) -> int:
-    name = _segment.normalize_name(args.name)
-    path = _segment.segment_path(name)
-    exists = os.path.exists(path) or os.path.exists(_segment.semaphore_path(name))
-    if not exists:
-        raise SegmentNotFound(f"no shmcache segment named {name!r} ({path})")
-    if os.path.exists(path) and not args.force:
-        with open(path, "rb") as f:
-            head = f.read(len(MAGIC))
-        if head != MAGIC:
-            raise CommandError(f"{path} is not a shmcache segment (use --force to remove it)")
-    _segment.unlink_names(name)
-    print(f"unlinked {name} (processes attached keep their mapping until they exit)")
-    return 0
-
-
-def _segments() -> list[dict[str, Any]]:
-    found = []
-    try:
-        entries = sorted(os.scandir(_segment.SHM_DIR), key=lambda e: e.name)
-    except OSError as exc:
-        raise CommandError(f"cannot list {_segment.SHM_DIR}: {exc.strerror}") from None
-    for entry in entries:
-        if entry.name.startswith("sem.") or not entry.is_file(follow_symlinks=False):
-            continue
-        st = entry.stat(follow_symlinks=False)
-        row: dict[str, Any] = {"name": entry.name, "owner": st.st_uid, "size_bytes": st.st_size,
-                               "mode": f"{stat.S_IMODE(st.st_mode):o}"}
-        try:
-            with open(entry.path, "rb") as f:
-                head = f.read(HEADER.size)
-        except OSError:
-            continue  # not ours to read: cannot be told apart from any other file
-        if len(head) < HEADER.size or head[:8] != MAGIC:
-            continue
-        fields = HEADER.unpack(head)
-        row.update(version=fields[1], capacity=fields[3], value_size=fields[6],
-                   creator_pid=fields[10],
-                   semaphore=os.path.exists(_segment.semaphore_path(entry.name)))
-        with contextlib.suppress(KeyError):
-            row["owner"] = pwd.getpwuid(st.st_uid).pw_name
-        found.append(row)
-    return found
-
-
-def cmd_list(args: argparse.Namespace) -> int:
-    rows = _segments()
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    if not rows:
-        print(f"no shmcache segments in {_segment.SHM_DIR}")
-        return 0
-    print(f"{'NAME':<32} {'OWNER':<10} {'MODE':<5} {'BYTES':>12} {'CAPACITY':>10} "
-          f"{'VALUE':>6} {'CREATOR':>8} SEM")
-    for r in rows:
-        print(f"{r['name']:<32} {r['owner']!s:<10} {r['mode']:<5} {r['size_bytes']:>12} "
-              f"{r['capacity']:>10} {r['value_size']:>6} {r['creator_pid']:>8} "
-              f"{'yes' if r['semaphore'] else 'MISSING'}")
-    return 0
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        importlib.import_module("gunicorn")
+    except ImportError:
+        raise CommandError(
+            "the demo runs a real gunicorn, which is not installed: "
+            "pip install 'shmcache[gunicorn]'"
+        ) from None
     from . import demo
 
-    return demo.run()
+    try:
+        return demo.run()
+    except RuntimeError as exc:  # gunicorn did not start or answer: the demo says why
+        raise CommandError(str(exc)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shmcache", description="Shared-memory session cache: demo and administration."
     )
+    parser.add_argument("--version", action="version", version=f"shmcache {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str, fn: Callable[[argparse.Namespace], int],
@@ -270,6 +213,9 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("name", metavar="NAME", help="segment name, as in /dev/shm/NAME, "
                            "or a database URL (stats, reset, revoke-user, purge, check)")
         return p
+
+    def owner_flag(p: argparse.ArgumentParser, help_text: str) -> None:
+        p.add_argument("--owner", type=_owner, default=None, metavar="USER", help=help_text)
 
     attach_commands = []
     p = command("stats", "figures of a segment", cmd_stats)
@@ -290,16 +236,22 @@ def _parser() -> argparse.ArgumentParser:
         command("unlock", "recover the lock from a dead holder (never a live one)", cmd_unlock)
     )
     for p in attach_commands:
-        p.add_argument("--owner", type=_owner, default=None, metavar="USER",
-                       help="trust a segment owned by this user or uid (default: yourself)")
+        owner_flag(p, "trust a segment owned by this user or uid (default: yourself)")
         p.add_argument("--allow-writable-by-others", action="store_true",
                        help="accept a segment that group or others may write")
     p = command("create", "create a segment (it stays until `shmcache unlink`)", cmd_create)
-    p.add_argument("--capacity", type=_positive, required=True)
-    p.add_argument("--value-size", type=int, default=0)
-    p.add_argument("--mode", type=_mode, default=0o600, help="octal permission bits (default 600)")
+    p.add_argument("--capacity", type=_int_between(1, MAX_CAPACITY), required=True,
+                   metavar="N", help="sessions it holds")
+    p.add_argument("--value-size", type=_int_between(0, MAX_VALUE_SIZE), default=0,
+                   metavar="N", help="bytes of encoded session kept per entry (default 0)")
+    p.add_argument("--mode", type=_mode, default=0o600,
+                   help="octal permission bits of both names (default 600)")
+    p.add_argument("--allow-writable-by-others", action="store_true",
+                   help="allow a --mode that lets group or others write it")
     p = command("unlink", "remove a segment's names (attached processes keep it)", cmd_unlink)
-    p.add_argument("--force", action="store_true", help="remove even if it is not shmcache's")
+    owner_flag(p, "remove a segment owned by this user or uid (default: yourself)")
+    p.add_argument("--force", action="store_true",
+                   help="remove it even if it is not a whole shmcache segment")
     p = command("list", "the shmcache segments on this host", cmd_list, segment=False)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     command("demo", "watch a logout in one worker reach the others", cmd_demo, segment=False)
@@ -307,21 +259,41 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """Run one command; its exit status (0 done, 1 refused or failed, 2 bad usage, 130
+    interrupted, 141 the reader of stdout went away). Never raises, never a traceback."""
+    stdio.fill_closed_descriptors()
+    if stdio.stdout_is_closed():
+        stdio.error("shmcache: standard output is closed: refusing to run (nothing could "
+                    "report what was done)")
+        return 1
+    command = "shmcache"
     try:
+        args = _parser().parse_args(argv)  # --help, --version, usage errors: SystemExit
+        command = args.command
         if _sql_admin.is_url(getattr(args, "name", None)):  # a database (issue 14)
-            return _sql_admin.run(args)
-        return int(args.fn(args))
+            status = _sql_admin.run(args)
+        else:
+            status = int(args.fn(args))
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    except BrokenPipeError:
+        stdio.discard_stdout()
+        return stdio.SIGPIPE_STATUS
     except CommandError as exc:
-        print(f"shmcache: {exc}", file=sys.stderr)
-        return exc.code
+        stdio.error(f"shmcache: {command}: {exc}")
+        status = exc.code
     except (ShmCacheError, OSError) as exc:
-        code = 2 if isinstance(exc, InvalidArgument) else 1
-        print(f"shmcache: {args.command}: {exc}", file=sys.stderr)
-        return code
+        stdio.error(f"shmcache: {command}: {for_cli(str(exc))}")
+        status = 2 if isinstance(exc, InvalidArgument) else 1
     except KeyboardInterrupt:
-        print("shmcache: interrupted", file=sys.stderr)
-        return 130
+        stdio.error("shmcache: interrupted")
+        status = 130
+    except Exception as exc:  # a bug of ours: still one line, naming what went wrong
+        stdio.error(f"shmcache: {command}: unexpected {type(exc).__name__}: {exc} "
+                    "(please report it)")
+        status = 1
+    failed_write = stdio.flush_stdout()
+    return status if failed_write is None else failed_write
 
 
 if __name__ == "__main__":  # pragma: no cover - python -m shmcache.cli.main

@@ -99,9 +99,14 @@ class Segment:
 
 
 def unlink_names(name: str) -> None:
-    """Remove whatever exists of a segment's two names, by name alone (no inode check)."""
-    _ignore_missing(posix_ipc.unlink_shared_memory, "/" + name)
-    _ignore_missing(posix_ipc.unlink_semaphore, "/" + name)
+    """Remove whatever exists of a segment's two names, by name alone (no inode check).
+    A directory in their place is not ours to remove: ``IncompatibleSegment`` says so."""
+    for fn, path in ((posix_ipc.unlink_shared_memory, segment_path(name)),
+                     (posix_ipc.unlink_semaphore, semaphore_path(name))):
+        try:
+            _ignore_missing(fn, "/" + name)
+        except IsADirectoryError:
+            raise IncompatibleSegment(f"{path} is a directory: not removing it") from None
 
 
 def _ignore_missing(fn: Callable[[str], None], name: str) -> None:
@@ -133,7 +138,7 @@ def create(name: str, size: int, mode: int, init: Callable[[mmap.mmap], None]) -
         except posix_ipc.ExistentialError:
             raise SegmentExists(
                 f"semaphore {semaphore_path(name)} already exists (left by a crash? "
-                f"`shmcache unlink {name}` removes it)"
+                f"`shmcache unlink --force {name}` removes it)"
             ) from None
         if os.path.exists(semaphore_path(name)):
             os.chmod(semaphore_path(name), mode)
@@ -331,6 +336,12 @@ def _open_semaphore(name: str, owner_uid: int | None, allow_writable_by_others: 
         raise IncompatibleSegment(f"cannot open semaphore {path}: {exc}") from None
 
 
+# The way out of each refusal, in the words of the Python API; the command line shows its
+# own flags instead (shmcache.cli.main replaces these exact texts).
+OWNER_HINT = "pass owner_uid= to trust another owner"
+WRITABLE_HINT = "pass allow_writable_by_others=True to accept"
+
+
 def _check_trust(
     st: os.stat_result, path: str, owner_uid: int | None, allow_writable_by_others: bool
 ) -> None:
@@ -338,10 +349,10 @@ def _check_trust(
     if st.st_uid != expected:
         raise SegmentPermissionError(
             f"refusing {path}: owned by uid {st.st_uid}, expected uid {expected} "
-            "(pass owner_uid= to trust another owner)"
+            f"({OWNER_HINT})"
         )
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not allow_writable_by_others:
         raise SegmentPermissionError(
             f"refusing {path}: mode {stat.S_IMODE(st.st_mode):o} lets group or others write "
-            "it (pass allow_writable_by_others=True to accept)"
+            f"it ({WRITABLE_HINT})"
         )

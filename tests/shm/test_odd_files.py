@@ -125,3 +125,16 @@ def test_a_half_made_segment_is_waited_for_then_reported(
     with pytest.raises(IncompatibleSegment, match="not initialised"):
         startup.attach_when_ready(segment_name, patience=0.05)
     assert os.path.getsize(paths[0]) == 8192
+
+
+def test_a_directory_is_never_removed_as_a_name(paths: tuple[str, str], segment_name: str) -> None:
+    """gunicorn's master replaces a name it cannot share; a directory there is an error
+    that names it, not posix_ipc's ``IsADirectoryError``, and the directory stays."""
+    from shmcache.shm.segment import unlink_names
+
+    for path in paths:
+        os.mkdir(path)
+        with pytest.raises(IncompatibleSegment, match="is a directory"):
+            unlink_names(segment_name)
+        assert os.path.isdir(path)
+        os.rmdir(path)
