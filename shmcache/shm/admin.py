@@ -22,6 +22,7 @@ from .layout import (
     W_CLEARS,
     W_EVICTIONS,
     W_KEEPER,
+    W_LEASE_DROPS,
     W_OVERSIZE,
     W_RECOVERIES,
     W_WRITING,
@@ -48,6 +49,7 @@ class SegmentAdmin:
     _hits: int
     _misses: int
     _decode_errors: int
+    _lease_drops: int
     _local: dict[str, Any]
     _clock: Callable[[], float]
     _object_id: int
@@ -116,6 +118,8 @@ class SegmentAdmin:
             "evictions": int(words[W_EVICTIONS]),
             "lock_recoveries": int(words[W_RECOVERIES]),
             "oversize": int(words[W_OVERSIZE]),
+            "lease_drops": int(words[W_LEASE_DROPS]),  # sets a racing logout kept out
+            "process_lease_drops": self._lease_drops,  # this object's, exact
             "clears": int(words[W_CLEARS]),
             # The kernel clears a dead holder's thread id from the mutex: an id there is a
             # live thread (or garbage written by someone who could write the segment).

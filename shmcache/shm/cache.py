@@ -14,7 +14,9 @@ Writes take the segment lock (``_lock``), which survives the death of its holder
 
 from __future__ import annotations
 
+import logging
 import os
+import pickle
 import secrets
 import time
 import weakref
@@ -31,6 +33,8 @@ from .._errors import (
     InvalidType,
     ShmCacheError,
 )
+from .._leases import DEFAULT_TIMEOUT as DEFAULT_LEASE_TIMEOUT
+from .._leases import EXPIRED, NO_LEASE, Leases
 from .._protocol import UserIdOf
 from ..codecs import Codec, PickleCodec
 from . import mutex as _mutex
@@ -43,8 +47,11 @@ from .layout import (
     NONCE_BITS,
     NONCE_MASK,
     U64,
+    W_CLEARED_AT,
     W_CLEARS,
+    W_GEN,
     W_KEEPER,
+    W_LEASE_DROPS,
     W_OVERSIZE,
     W_WRITING,
     Geometry,
@@ -56,6 +63,10 @@ from .lock import SegmentLock
 from .table import Table
 
 Clock = Callable[[], float]
+# This process's copy of a session: (session, check word index, check, expiry, fingerprint)
+_Local = tuple[Any, int, int, float, int]
+log = logging.getLogger("shmcache")
+_warned_oversize = False
 _PURGE_CHUNK = 4096  # slots reclaimed per lock hold, so purge never stalls writers long
 
 _instances: weakref.WeakSet[SharedMemorySessionCache] = weakref.WeakSet()
@@ -102,6 +113,7 @@ class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
         lock_timeout: float,
         attach_options: dict[str, Any],
         user_id_of: UserIdOf | None = None,
+        lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
     ) -> None:
         geo = info.geometry
         self._segment = segment
@@ -118,7 +130,10 @@ class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
         )
         self._clock: Clock = clock if clock is not None else time.monotonic
         self._user_id_of = user_id_of
-        self._local: dict[str, tuple[Any, int, int, float]] = {}
+        self._local: dict[str, _Local] = {}
+        self._leases = Leases(lease_timeout, self._clock)
+        self._lease_drops = 0  # this object's sets not stored (see set())
+        self._oversize_len = 0
         self._max_local = max(1024, geo.physical_slots)
         self._hits = 0
         self._misses = 0
@@ -129,7 +144,7 @@ class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
         self._closed = False
         self._pickle_options = {
             "codec": codec, "lock_timeout": lock_timeout, "user_id_of": user_id_of,
-            **attach_options,
+            "lease_timeout": lease_timeout, **attach_options,
         }
         _instances.add(self)
 
@@ -147,6 +162,7 @@ class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
         mode: int = 0o600,
         lock_timeout: float = 1.0,
         user_id_of: UserIdOf | None = None,
+        lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
     ) -> SharedMemorySessionCache:
         """Create a new segment and semaphore named ``name``, owner-only by default.
 
@@ -186,7 +202,7 @@ class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
         return cls(
             segment, info, codec=codec, clock=clock, lock_timeout=lock_timeout,
             attach_options={"allow_writable_by_others": bool(mode & 0o022)},
-            user_id_of=user_id_of,
+            user_id_of=user_id_of, lease_timeout=positive_number("lease_timeout", lease_timeout),
         )
 
     @classmethod
@@ -200,6 +216,7 @@ class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
         owner_uid: int | None = None,
         allow_writable_by_others: bool = False,
         user_id_of: UserIdOf | None = None,
+        lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
     ) -> SharedMemorySessionCache:
         """Open the existing segment ``name``.
 
@@ -237,7 +254,7 @@ class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
             attach_options={
                 "owner_uid": owner_uid, "allow_writable_by_others": allow_writable_by_others
             },
-            user_id_of=user_id_of,
+            user_id_of=user_id_of, lease_timeout=positive_number("lease_timeout", lease_timeout),
         )
 
     # -- the SessionCache protocol -------------------------------------------------------
@@ -246,48 +263,64 @@ class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
         """The session cached for ``token``, or None. Never raises because of the segment."""
         entry = self._local.get(token)
         if entry is not None:
-            session, word, check, expires = entry
+            session, word, check, expires, _ = entry
             if self._words[word] == check and self._clock() < expires:
                 self._hits += 1
                 return session
-        return self._get_slow(token, entry is not None)
+        return self._get_slow(token, entry)
 
-    def _get_slow(self, token: str, stale: bool) -> Any | None:
+    def _get_slow(self, token: str, entry: _Local | None) -> Any | None:
         if not isinstance(token, str):
             raise InvalidType(f"token must be a str, got {type(token).__name__}")
-        if stale:
-            self._local.pop(token, None)
         if self._closed:
             raise CacheClosed("this SharedMemorySessionCache is closed")
-        if self._value_mode and token:
+        session = None
+        tag = b""
+        if token:
+            table = self._table
+            tag, home = table.tag_of(token_bytes(token))
             try:
-                session = self._load(token)
+                session = self._load(token, tag, home, entry)
             except Exception:  # a damaged or racing slot, or a codec error: a miss
                 session = None
-            if session is not None:
-                self._hits += 1
-                self._publish()
-                return session
+        if session is not None:
+            self._hits += 1
+            self._publish()
+            return session
+        if entry is not None:
+            self._local.pop(token, None)
+        if token:
+            # A lease: the first lock generation that may not be finished now. A logout (of
+            # this token, of its user, or a clear) marks its bucket with its generation;
+            # the set compares (see set() and shmcache/_leases.py). Read the generation
+            # first: acquire() raises W_WRITING before it raises the generation.
+            words = self._words
+            gen = words[W_GEN]
+            self._leases.grant(token, gen if words[W_WRITING] else gen + 1)
         self._misses += 1
         self._publish()
         return None
 
-    def _load(self, token: str) -> Any | None:
-        table = self._table
-        tag, home = table.tag_of(token_bytes(token))
+    def _load(self, token: str, tag: bytes, home: int, entry: _Local | None) -> Any | None:
+        """The live entry of ``tag``: this process's own copy if the slot holds an equal
+        session (same fingerprint: another process set it again), else, in value mode,
+        the decoded value."""
         try:
-            slot, check, expiry_ms, value = table.lookup(tag, home, self._now_ms())
+            slot, check, expiry_ms, value, fp = self._table.lookup(tag, home, self._now_ms())
         except KeyError:
             return None
-        if value is None:
+        if entry is not None and fp and entry[4] == fp:
+            session = entry[0]  # an equal set elsewhere: keep ours, no validation, no decode
+        elif value is None:
             return None
-        assert self._codec is not None
-        try:
-            session = self._codec.decode(value)
-        except Exception:
-            self._decode_errors += 1
-            return None
-        self._remember(token, session, slot, check, expiry_ms)
+        else:
+            assert self._codec is not None
+            try:
+                session = self._codec.decode(value)
+            except Exception:
+                self._decode_errors += 1
+                return None
+        self._remember(token, session, slot, check, expiry_ms, fp)
         return session
 
     def set(
@@ -299,6 +332,9 @@ class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
         names the session's user for ``invalidate_by_user``; only its keyed hash is stored.
         Never fails for lack of room: a full probe window reclaims expired entries, then
         evicts the one that expires soonest. Rejected arguments change nothing.
+
+        If this thread's last ``get`` of ``token`` missed and a logout of it (or of its user,
+        or a ``clear``) happened since, the session is not stored: see ``_leases.py``.
         """
         if type(token) is not str and not isinstance(token, str):
             raise InvalidType(f"token must be a str, got {type(token).__name__}")
@@ -309,51 +345,105 @@ class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
             ttl = ttl_arg(ttl_seconds)  # the general (and the error) path
         if user_id is None and self._user_id_of is not None:
             user_id = self._user_id_of(session)
-        user = 0 if user_id is None else self._table.user_tag(user_key(user_id))
-        value: bytes | None = None
-        oversize = False
-        if self._value_mode:
-            assert self._codec is not None
-            data = self._codec.encode(session)
-            if not isinstance(data, (bytes, bytearray, memoryview)):
-                raise InvalidType(f"codec.encode returned {type(data).__name__}, not bytes")
-            value = bytes(data)
-            if len(value) > self._info.geometry.value_size:
-                value, oversize = None, True
+        table = self._table
+        user = 0 if user_id is None else table.user_tag(user_key(user_id))
+        value, fp, oversize = self._encode(session)
         if self._closed:
             raise CacheClosed("this SharedMemorySessionCache is closed")
-        table = self._table
+        lease = self._leases.take(token)
         tag, home = table.tag_of(token_bytes(token))
         now = self._clock()
         end = (now + ttl) * 1000
         # Out of range (a clock far in the future, or NaN): clamp, never raise.
         expiry_ms = round(end) if 0 <= end <= MAX_EXPIRY_MS else (MAX_EXPIRY_MS if end > 0 else 0)
+        words = self._words
         lock = self._lock
         lock.refuse_reentry()
         try:  # the pattern of lock.py: acquire inside, release first in the finally
             gen = lock.acquire()
-            slot, check = table.store_locked(
-                tag,
-                home,
-                (expiry_ms << NONCE_BITS) | (gen & NONCE_MASK),
-                value,
-                int(now * 1000),
-                gen >> NONCE_BITS,
-                user,
-            )
-            if oversize:
-                self._bump(W_OVERSIZE)
-            self._words[W_WRITING] = 0  # done: nothing for the next holder to repair
+            if lease is EXPIRED or (lease is not NO_LEASE and self._logged_out_since(
+                lease, gen, table.lease_word(tag), user
+            )):
+                # A logout that was not finished when this thread missed: the validation
+                # raced it, its session is not stored. (A bucket shared with another
+                # token's logout makes a false drop: it costs one more miss.)
+                # (An expired lease: not stored either, see _leases.py.)
+                self._bump(W_LEASE_DROPS)
+                table.remove_locked(tag, home)  # nor an older copy: the token stays a miss
+                slot = -1
+            else:
+                slot, check = table.store_locked(
+                    tag,
+                    home,
+                    (expiry_ms << NONCE_BITS) | (gen & NONCE_MASK),
+                    value,
+                    int(now * 1000),
+                    gen >> NONCE_BITS,
+                    user,
+                    fp,
+                )
+                if oversize:
+                    self._bump(W_OVERSIZE)
+            words[W_WRITING] = 0  # done: nothing for the next holder to repair
         except BaseException:
             if lock.held():
                 table.repair_locked()  # e.g. a signal handler raised mid-write
             raise
         finally:
             lock.release()
-        local = self._local
-        if len(local) >= self._max_local and token not in local:
-            self._prune_local()
-        local[token] = (session, self._checks_w + slot, check, expiry_ms / 1000)
+        if slot < 0:
+            self._local.pop(token, None)
+            self._lease_drops += 1
+            return
+        if oversize:
+            self._warn_oversize(len(value or b"") if value else -1)
+        self._remember(token, session, slot, check, expiry_ms, fp)
+
+    def _logged_out_since(self, lease: int, gen: int, token_word: int, user: int) -> bool:
+        """Whether a logout of the token's bucket, of the user's, or a clear, was not finished
+        when the lease was granted. Caller holds the lock (``gen`` is its generation)."""
+        mark = self._table.logout_mark_locked
+        return (
+            mark(token_word, gen) >= lease
+            or mark(W_CLEARED_AT, gen) >= lease
+            or bool(user and mark(self._table.user_lease_word(user), gen) >= lease)
+        )
+
+    def _encode(self, session: Any) -> tuple[bytes | None, int, bool]:
+        """``(value to share or None, fingerprint, oversize)``. The fingerprint lets other
+        processes keep their copy of an equal session; in hash-only mode it is taken from
+        the codec's encoding if one was given, else from pickle.dumps (pickling, never
+        unpickling: nothing is read back from it). 0 if the session cannot be encoded."""
+        table = self._table
+        if not self._value_mode:
+            try:
+                data = self._codec.encode(session) if self._codec else pickle.dumps(session, 5)
+            except Exception:
+                return None, 0, False
+            return None, table.fingerprint(bytes(data)), False
+        assert self._codec is not None
+        data = self._codec.encode(session)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InvalidType(f"codec.encode returned {type(data).__name__}, not bytes")
+        value = bytes(data)
+        fp = table.fingerprint(value)
+        if len(value) > self._info.geometry.value_size:
+            self._oversize_len = len(value)
+            return None, fp, True
+        return value, fp, False
+
+    def _warn_oversize(self, _: int) -> None:
+        """Once per process: a session too large for value_size is shared without its value
+        (a hit only where it was set), which silently multiplies validations."""
+        global _warned_oversize
+        if not _warned_oversize:
+            _warned_oversize = True
+            log.warning(
+                "shmcache segment %r: a session encoded to %d bytes, more than value_size=%d: "
+                "it is cached without its value (other processes miss it). Create the segment "
+                "with a larger value_size (stats()['oversize'] counts these).",
+                self.name, self._oversize_len, self._info.geometry.value_size,
+            )
 
     def invalidate(self, token: str) -> None:
         """Drop ``token`` everywhere: once this returns, ``get`` misses in every process.
@@ -371,7 +461,8 @@ class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
         lock = self._lock
         lock.refuse_reentry()
         try:
-            lock.acquire()
+            words = self._words
+            words[table.lease_word(tag)] = lock.acquire()  # voids racing validations' leases
             found = table.remove_locked(tag, home)
             self._words[W_WRITING] = 0
         except BaseException:
@@ -412,7 +503,7 @@ class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
         lock = self._lock
         lock.refuse_reentry()
         try:
-            lock.acquire()
+            self._words[self._table.user_lease_word(user)] = lock.acquire()  # voids leases
             dropped = self._table.remove_user_locked(user, now_ms)
             self._words[W_WRITING] = 0
         except BaseException:
@@ -430,7 +521,7 @@ class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
         lock = self._lock
         lock.refuse_reentry()
         try:
-            lock.acquire()
+            self._words[W_CLEARED_AT] = lock.acquire()  # voids every lease taken before
             self._table.clear_locked()
             self._bump(W_CLEARS)
             self._words[W_WRITING] = 0
@@ -490,11 +581,13 @@ class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
         """Add one to a header counter (caller holds the lock)."""
         self._words[word] = (self._words[word] + 1) & U64
 
-    def _remember(self, token: str, session: Any, slot: int, check: int, expiry_ms: int) -> None:
+    def _remember(
+        self, token: str, session: Any, slot: int, check: int, expiry_ms: int, fp: int
+    ) -> None:
         local = self._local
         if len(local) >= self._max_local and token not in local:
             self._prune_local()
-        local[token] = (session, self._checks_w + slot, check, expiry_ms / 1000)
+        local[token] = (session, self._checks_w + slot, check, expiry_ms / 1000, fp)
 
     def _prune_local(self) -> None:
         """Bound the per-process map: drop entries the table no longer vouches for, then
@@ -502,7 +595,7 @@ class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
         set (they are only a cache of a cache: a dropped entry is a miss, never an error)."""
         words, now = self._words, self._clock()
         local = self._local
-        for token, (_, word, check, expires) in list(local.items()):
+        for token, (_, word, check, expires, _) in list(local.items()):
             if words[word] != check or now >= expires:
                 local.pop(token, None)  # another thread may have dropped it already
         excess = len(local) - self._max_local // 2

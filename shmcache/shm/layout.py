@@ -19,6 +19,7 @@ one ``find`` call in C scans a whole probe window; the check words, dense, becau
                   |  152 evictions   160 lock recoveries  168 oversize values  |
                   |  176 clears      184 retired hits     192 retired misses   |
                   |  200 keeper (the process that unlinks the names at exit)   |
+                  |  208 generation of the last clear  216 lease drops         |
                   | 256.. the lock: a robust pthread mutex (64 bytes reserved) |
                   | 512.. 112 per-process records: owner, hits, misses, id     |
     TAGS = 4096   +------------------------------------------------------------+
@@ -32,12 +33,18 @@ one ``find`` call in C scans a whole probe window; the check words, dense, becau
                   | is one C-level find over the array                         |
     RECORDS       | P records of RECORD_STRIDE bytes:                          |
                   |   +0  meta u64: expiry in ms << 20 | generation bits 0-19  |
-                  |   +8  value area (only if value size > 0): u32 length      |
+                  |   +8  fingerprint u64: keyed hash of the session's         |
+                  |       encoding (0: unknown), so that a process holding an  |
+                  |       equal session keeps it across another's equal set    |
+                  |   +16 value area (only if value size > 0): u32 length      |
                   |       (0xFFFFFFFF = no value) + bytes, padded to 8         |
+    LEASES        | B words (u64), B = a power of two >= capacity: the lock    |
+                  | generation of the last logout of a token or user hashed to |
+                  | the bucket, so a set racing a logout can tell (leases)     |
                   +------------------------------------------------------------+
 
-In hash-only mode a slot is 40 bytes (tag 16, check 8, user 8, meta 8); at the 1/2
-maximum load that is 80 bytes of shared memory per session.
+In hash-only mode a slot is 48 bytes (tag 16, check 8, user 8, meta 8, fingerprint 8); at
+the 1/2 maximum load, plus the lease stamps, that is 104 bytes of shared memory per session.
 
 Byte order is little-endian throughout. The immutable header is packed with ``struct``;
 the mutable words and the check/meta arrays are read and written through a native ``'Q'``
@@ -60,7 +67,7 @@ from typing import Any
 from .._errors import IncompatibleSegment, InvalidArgument
 
 MAGIC = b"SHMCACHE"
-LAYOUT_VERSION = 3  # 2: the USERS array (invalidate_by_user); 3: the robust mutex
+LAYOUT_VERSION = 4  # 2: USERS (invalidate_by_user); 3: the robust mutex; 4: fingerprints, leases
 HEADER_SIZE = 4096
 
 # Sizing: at most 1/2 of the home slots are live at capacity, and a key may sit at most
@@ -105,6 +112,8 @@ W_CLEARS = 176 // 8
 W_RETIRED_HITS = 184 // 8
 W_RETIRED_MISSES = 192 // 8
 W_KEEPER = 200 // 8  # owner word of the process that removes the names at exit (0: nobody)
+W_CLEARED_AT = 208 // 8  # lock generation of the last clear (leases: see cache.py)
+W_LEASE_DROPS = 216 // 8  # sets not cached because a logout raced them (see cache.py)
 MUTEX_OFFSET = 256  # the segment lock (see mutex.py); 64 bytes, 64-byte aligned
 
 # Per-process hit/miss records (see _counters): (owner word, hits, misses, object id).
@@ -160,7 +169,11 @@ class Geometry:
 
     @property
     def record_stride(self) -> int:
-        return 8 + self.value_stride
+        return 16 + self.value_stride  # meta, fingerprint, value area
+
+    @property
+    def lease_buckets(self) -> int:
+        return max(1024, 1 << (self.capacity - 1).bit_length())
 
     @property
     def tags_offset(self) -> int:
@@ -179,8 +192,12 @@ class Geometry:
         return self.users_offset + 8 * self.physical_slots
 
     @property
-    def size(self) -> int:
+    def leases_offset(self) -> int:
         return self.records_offset + self.record_stride * self.physical_slots
+
+    @property
+    def size(self) -> int:
+        return self.leases_offset + 8 * self.lease_buckets
 
     def pack_header(self, info: HeaderInfo) -> bytes:
         return HEADER.pack(

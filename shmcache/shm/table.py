@@ -53,6 +53,7 @@ _CLEAR_CHUNK = 1 << 20
 _OP_SLOT_BITS = OP_SLOT << 56
 _NO_VALUE_BYTES = NO_VALUE.to_bytes(4, "little")
 _USER_SALT = 0x5553455273484D43  # user tags use another key than token tags
+_FP_SALT = 0x4650524E54534D43  # fingerprints use another key than check words
 
 
 def make_meta(expiry_ms: int, nonce: int) -> int:
@@ -82,6 +83,8 @@ class Table:
         self._rw = g.record_stride // 8  # words per record
         self._vstride = g.value_stride
         self._value_size = g.value_size
+        self._leases_w = g.leases_offset // 8
+        self._lease_mask = g.lease_buckets - 1
 
     def release(self) -> None:
         """Drop the buffer view (an mmap cannot close while a view of it exists)."""
@@ -102,9 +105,9 @@ class Table:
     def home_of(self, tag: bytes) -> int:
         return int.from_bytes(tag, "little") % self._nslots
 
-    def _checksum(self, tag: bytes, meta: int, user: int, value_area: bytes) -> int:
+    def _checksum(self, tag: bytes, meta: int, user: int, value_area: bytes, fp: int = 0) -> int:
         """The hash half of a check word (its low 40 bits, never 0)."""
-        words = (meta | user << 64).to_bytes(16, "little")
+        words = (meta | user << 64 | fp << 128).to_bytes(24, "little")
         check: int = _xxh64(tag + words + value_area, self._check_seed)
         return (check & CHECK_HASH_MASK) or 1
 
@@ -113,7 +116,33 @@ class Table:
         return self._checks_w + slot
 
     def _value_offset(self, slot: int) -> int:
-        return (self._rec_w + slot * self._rw) * 8 + 8
+        return (self._rec_w + slot * self._rw) * 8 + 16
+
+    def fingerprint(self, encoding: bytes) -> int:
+        """Keyed 64-bit fingerprint of a session's encoding (never 0: 0 means unknown)."""
+        h: int = _xxh64(encoding, self._check_seed ^ _FP_SALT)
+        return h or 1
+
+    # -- leases ------------------------------------------------------------------------
+
+    def lease_word(self, tag: bytes) -> int:
+        """Index in ``words`` of the logout mark of ``tag``'s bucket."""
+        return self._leases_w + (int.from_bytes(tag[8:], "little") & self._lease_mask)
+
+    def user_lease_word(self, user: int) -> int:
+        """Index in ``words`` of the logout mark of a user tag's bucket."""
+        return self._leases_w + ((user >> 17) & self._lease_mask)
+
+    def logout_mark_locked(self, word: int, gen: int) -> int:
+        """The generation of the last logout marked in ``word``. A mark above the current
+        generation ``gen`` cannot have been written by a logout (marks are generations, and
+        generations only grow): it is damage, and would drop every set of its bucket
+        forever, so it is reset. Caller holds the lock."""
+        mark = int(self.words[word])
+        if mark > gen:
+            self.words[word] = 0
+            return 0
+        return mark
 
     # -- lock-free reads -----------------------------------------------------------------
 
@@ -131,10 +160,10 @@ class Table:
             pos = buf.find(tag, pos + 1, end)  # a match straddling two tags: keep looking
         return -1
 
-    def read_slot(self, slot: int) -> tuple[bytes, int, int, bytes | None, int] | None:
-        """A consistent copy ``(tag, meta, check, value, user)`` of a slot, or None if
-        torn or invalid. ``value`` is None when the slot holds no value (hash-only mode or
-        an oversize one); ``user`` is the user tag, 0 for none.
+    def read_slot(self, slot: int) -> tuple[bytes, int, int, bytes | None, int, int] | None:
+        """A consistent copy ``(tag, meta, check, value, user, fingerprint)`` of a slot, or
+        None if torn or invalid. ``value`` is None when the slot holds no value (hash-only
+        mode or an oversize one); ``user`` is the user tag, 0 for none.
         """
         check = self.words[self._checks_w + slot]
         if not check:
@@ -142,6 +171,7 @@ class Table:
         t = self._tags + slot * TAG_SIZE
         tag = bytes(self._buf[t : t + TAG_SIZE])
         meta = self.words[self._rec_w + slot * self._rw]
+        fp = self.words[self._rec_w + slot * self._rw + 1]
         user = self.words[self._users_w + slot]
         area = b""
         if self._vstride:
@@ -153,13 +183,16 @@ class Table:
                 area = bytes(self._buf[v : v + 4 + length])
             else:
                 return None
-        if self._checksum(tag, meta, user, area) != check & CHECK_HASH_MASK:
+        if self._checksum(tag, meta, user, area, fp) != check & CHECK_HASH_MASK:
             return None
         value = area[4:] if area and area != _NO_VALUE_BYTES else None
-        return tag, meta, check, value, user
+        return tag, meta, check, value, user, fp
 
-    def lookup(self, tag: bytes, home: int, now_ms: int) -> tuple[int, int, int, bytes | None]:
-        """``(slot, check, expiry_ms, value)`` of a live entry; raises KeyError on a miss.
+    def lookup(
+        self, tag: bytes, home: int, now_ms: int
+    ) -> tuple[int, int, int, bytes | None, int]:
+        """``(slot, check, expiry_ms, value, fingerprint)`` of a live entry; raises KeyError
+        on a miss.
 
         Lock-free; a slot being written, torn or damaged reads as a miss.
         """
@@ -169,11 +202,11 @@ class Table:
         snap = self.read_slot(slot)
         if snap is None or snap[0] != tag:
             raise KeyError(tag)
-        _, meta, check, value, _ = snap
+        _, meta, check, value, _, fp = snap
         expiry = meta >> NONCE_BITS
         if now_ms >= expiry:
             raise KeyError(tag)
-        return slot, check, expiry, value
+        return slot, check, expiry, value, fp
 
     def check_of(self, slot: int) -> int:
         return int(self.words[self._checks_w + slot])
@@ -189,6 +222,7 @@ class Table:
         now_ms: int,
         stamp: int = 0,
         user: int = 0,
+        fp: int = 0,
     ) -> tuple[int, int]:
         """Insert or overwrite ``tag``; returns ``(slot, check)``. Never fails for lack of room.
 
@@ -213,7 +247,7 @@ class Table:
                 slot = self.find(ZERO_TAG, home)
                 if slot < 0:
                     slot = self._reclaim_window_locked(home, now_ms)
-        return slot, self._write_slot_locked(slot, tag, meta, value, stamp, user)
+        return slot, self._write_slot_locked(slot, tag, meta, value, stamp, user, fp)
 
     def _reclaim_window_locked(self, home: int, now_ms: int) -> int:
         """The window is full: reclaim every expired or invalid slot in it, else evict the
@@ -240,6 +274,7 @@ class Table:
         value: bytes | None,
         stamp: int = 0,
         user: int = 0,
+        fp: int = 0,
     ) -> int:
         words = self.words
         words[W_JOURNAL] = _OP_SLOT_BITS | slot
@@ -251,11 +286,12 @@ class Table:
         self._buf[t : t + TAG_SIZE] = tag
         mw = self._rec_w + slot * self._rw
         words[mw] = meta
+        words[mw + 1] = fp
         words[self._users_w + slot] = user
-        mu = (meta | user << 64).to_bytes(16, "little")
+        mu = (meta | user << 64 | fp << 128).to_bytes(24, "little")
         if self._vstride:
             area = _NO_VALUE_BYTES if value is None else len(value).to_bytes(4, "little") + value
-            v = mw * 8 + 8
+            v = mw * 8 + 16  # after meta and fingerprint
             self._buf[v : v + len(area)] = area
             check = _xxh64(tag + mu + area, self._check_seed)
         else:
@@ -271,6 +307,7 @@ class Table:
         t = self._tags + slot * TAG_SIZE
         self._buf[t : t + TAG_SIZE] = ZERO_TAG
         words[self._rec_w + slot * self._rw] = 0
+        words[self._rec_w + slot * self._rw + 1] = 0
         words[self._users_w + slot] = 0
 
     def remove_locked(self, tag: bytes, home: int) -> bool:
@@ -347,6 +384,7 @@ class Table:
         self._zero_words(self._tags // 8, 1, self._phys * TAG_SIZE // 8)
         self._zero_words(self._users_w, 1)
         self._zero_words(self._rec_w, self._rw)
+        self._zero_words(self._rec_w + 1, self._rw)
         words[W_JOURNAL] = OP_NONE
 
     def _zero_words(self, first: int, step: int, count: int | None = None) -> None:

@@ -18,6 +18,15 @@ Users (issue 6): each set names one of a few users (or none; ``7`` and ``"7"`` a
 user), and ``invalidate_by_user`` through either object must return the model's count of
 that user's live sessions (without eviction; with it, no more than that, and the shortfall
 is accounted for by evictions), after which every get of those tokens misses in both.
+
+Leases (issue 11): a get that misses gives its object a lease on the token (the first miss
+counts, until it is 10 s old). The object's next set of the token is dropped when, since that
+miss, the token was invalidated, its user (named by the set) revoked, or the table cleared,
+and when the lease is older than 10 s (a dropped set also removes the token, whoever set
+it: the token is a miss everywhere); it may be dropped after any other logout (a bucket
+shared with another token: a false drop, allowed, counted by ``lease_drops``); it is never
+dropped when no logout happened since. Equal sets: in hash mode a set of the session the
+table already holds (another object set it) keeps that object's copy valid.
 """
 
 from __future__ import annotations
@@ -93,6 +102,10 @@ class CacheModel(RuleBasedStateMachine):
         self.model: dict[str, tuple[tuple[str, int], int, str, str | None]] = {}
         self.serial = 0
         self.lost = 0  # live model entries found evicted
+        # Logouts in order: ("tok", token), ("user", str(user)) or ("clear", ""); a lease
+        # remembers how many there were at its miss, and when (ms).
+        self.logouts: list[tuple[str, str]] = []
+        self.leases: dict[tuple[str, str], tuple[int, int]] = {}
 
     def teardown(self) -> None:
         self.b.close()
@@ -121,10 +134,52 @@ class CacheModel(RuleBasedStateMachine):
             with pytest.raises(ValueError):
                 self.obj(who).set(tok, session, ttl_ms / 1000, user_id=user)
             return
+        if self.leased_set(who, tok, session, ttl_ms, user):
+            self.model[tok] = (
+                session, self.now_ms + ttl_ms, self.visible_to(who, session), _user(user)
+            )
+
+    def leased_set(
+        self, who: str, tok: str, session: object, ttl_ms: int, user: str | int | None
+    ) -> bool:
+        """Set through ``who``, judged against the lease model; True if it was stored."""
+        lease = self.leases.pop((who, tok), None)
+        drops = self.a.stats()["lease_drops"]
         self.obj(who).set(tok, session, ttl_ms / 1000, user_id=user)
-        self.model[tok] = (
-            session, self.now_ms + ttl_ms, self.visible_to(who, session), _user(user)
+        dropped = self.a.stats()["lease_drops"] > drops
+        if lease is None:
+            assert not dropped, f"{tok!r}: set with no miss before it was dropped"
+            return True
+        since_ms, seen = lease
+        if self.now_ms - since_ms >= 10_000:
+            assert dropped  # an expired lease: not stored
+            self.model.pop(tok, None)
+            return False
+        since = self.logouts[seen:]
+        required = any(
+            e == ("tok", tok) or e == ("user", _user(user)) or e[0] == "clear" for e in since
         )
+        if required:
+            assert dropped, f"{tok!r}: a set racing a logout {since} was stored"
+        elif dropped:
+            assert since, f"{tok!r}: set dropped though nothing was logged out since its miss"
+        if dropped:
+            self.model.pop(tok, None)  # a dropped set leaves the token a miss everywhere
+        return not dropped
+
+    @precondition(lambda self: self.model)
+    @rule(who=which, index=st.integers(0, len(POOL)), ttl_ms=tickets)
+    def set_equal(self, who: str, index: int, ttl_ms: int) -> None:
+        """Set again the session the table holds (another worker validated it too): in hash
+        mode the object that set it first keeps its copy."""
+        known = sorted(self.model)
+        tok = known[index % len(known)]
+        session, expiry, visible, user = self.model[tok]
+        if expiry <= self.now_ms:
+            return
+        if self.leased_set(who, tok, session, ttl_ms, user):
+            seen = "".join(sorted(set(visible + self.visible_to(who, session))))
+            self.model[tok] = (session, self.now_ms + ttl_ms, seen, user)
 
     @rule(
         who=which, toks=st.lists(st.sampled_from(STORABLE), min_size=10, max_size=40),
@@ -135,15 +190,17 @@ class CacheModel(RuleBasedStateMachine):
         for i, tok in enumerate(toks):
             self.serial += 1
             session = (tok, self.serial)
-            self.obj(who).set(tok, session, (ttl_ms + i) / 1000, user_id=user)
-            self.model[tok] = (
-                session, self.now_ms + ttl_ms + i, self.visible_to(who, session), _user(user)
-            )
+            if self.leased_set(who, tok, session, ttl_ms + i, user):
+                self.model[tok] = (
+                    session, self.now_ms + ttl_ms + i, self.visible_to(who, session),
+                    _user(user),
+                )
 
     @rule(who=which, user=revocable)
     def invalidate_by_user(self, who: str, user: str | int) -> None:
         key = str(user)
         live = [t for t, (_, e, _, u) in self.model.items() if u == key and e > self.now_ms]
+        self.logouts.append(("user", key))
         dropped = self.obj(who).invalidate_by_user(user)
         if self.may_evict:
             # Entries the model still holds may have been evicted unseen: each eviction
@@ -164,6 +221,10 @@ class CacheModel(RuleBasedStateMachine):
 
     def get(self, who: str, tok: str) -> None:
         got = self.obj(who).get(tok)
+        if got is None and tok:
+            held = self.leases.get((who, tok))
+            if held is None or self.now_ms - held[0] >= 10_000:
+                self.leases[(who, tok)] = (self.now_ms, len(self.logouts))
         entry = self.model.get(tok)
         if entry is None or entry[1] <= self.now_ms:
             assert got is None, f"{tok!r}: got {got!r}, model says gone"
@@ -183,6 +244,7 @@ class CacheModel(RuleBasedStateMachine):
 
     @rule(who=which, tok=tokens)
     def invalidate(self, who: str, tok: str) -> None:
+        self.logouts.append(("tok", tok))
         self.obj(who).invalidate(tok)
         self.model.pop(tok, None)
 
@@ -193,6 +255,7 @@ class CacheModel(RuleBasedStateMachine):
         # the system under test did, or hypothesis could not replay an example
         known = sorted(self.model)
         tok = known[index % len(known)]
+        self.logouts.append(("tok", tok))
         self.obj(who).invalidate(tok)
         del self.model[tok]
         assert self.a.get(tok) is None
@@ -202,6 +265,7 @@ class CacheModel(RuleBasedStateMachine):
     def clear(self, who: str, now: int) -> None:
         if now:  # only one time in four: a clear undoes the work of filling the table
             return
+        self.logouts.append(("clear", ""))
         self.obj(who).clear()
         self.model.clear()
 
