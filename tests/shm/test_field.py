@@ -110,9 +110,9 @@ def test_equal_sets_extend_the_entry_for_every_holder(segment_name: str) -> None
 def test_oversize_sessions_are_counted_and_logged_once(
     segment_name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from shmcache.shm import cache as shm_cache
+    from shmcache.shm import local
 
-    shm_cache._warned_oversize = False
+    local._warned_oversize = False  # once per process: this test wants to see it
     cache = SharedMemorySessionCache.create(
         segment_name, capacity=64, value_size=128, codec=PydanticCodec(Session)
     )
