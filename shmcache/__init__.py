@@ -26,7 +26,7 @@ from ._errors import (
 )
 from ._open import open_cache
 from ._protocol import SessionCache, UserSessionCache
-from .codecs import Codec, JsonCodec, PickleCodec
+from .codecs import Codec, JsonCodec, PickleCodec, PydanticCodec
 from .memory import InMemorySessionCache, NoOpSessionCache
 from .redis.cache import RedisSessionCache
 from .shm.cache import SharedMemorySessionCache
@@ -49,6 +49,7 @@ __all__ = [
     "NoOpSessionCache",
     "NoSpace",
     "PickleCodec",
+    "PydanticCodec",
     "RedisSessionCache",
     "SecretMismatch",
     "SegmentCorrupted",

@@ -112,6 +112,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
                           f"{stats['processes']} processes"),
         ("evictions", str(stats["evictions"])),
         ("oversize values", str(stats["oversize"])),
+        ("lease drops", str(stats["lease_drops"])),
         ("lock recoveries", str(stats["lock_recoveries"])),
         ("lock owner", owner_text),
         ("creator pid", f"{stats['creator_pid']} (keeper {stats['keeper_pid']})"),

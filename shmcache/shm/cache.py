@@ -14,9 +14,7 @@ Writes take the segment lock (``_lock``), which survives the death of its holder
 
 from __future__ import annotations
 
-import logging
 import os
-import pickle
 import secrets
 import time
 import weakref
@@ -28,7 +26,6 @@ from .._args import ttl as ttl_arg
 from .._closing import ClosesOnExit
 from .._errors import (
     CacheClosed,
-    IncompatibleSegment,
     InvalidArgument,
     InvalidType,
     ShmCacheError,
@@ -37,7 +34,7 @@ from .._leases import DEFAULT_TIMEOUT as DEFAULT_LEASE_TIMEOUT
 from .._leases import EXPIRED, NO_LEASE, Leases
 from .._protocol import UserIdOf
 from ..codecs import Codec, PickleCodec
-from . import mutex as _mutex
+from . import construct
 from . import proc as _proc
 from . import segment as _segment
 from .admin import SegmentAdmin
@@ -50,23 +47,16 @@ from .layout import (
     W_CLEARED_AT,
     W_CLEARS,
     W_GEN,
-    W_KEEPER,
     W_LEASE_DROPS,
     W_OVERSIZE,
     W_WRITING,
-    Geometry,
     HeaderInfo,
-    host_supported,
-    read_header,
 )
+from .local import LocalCopies, _Local
 from .lock import SegmentLock
 from .table import Table
 
 Clock = Callable[[], float]
-# This process's copy of a session: (session, check word index, check, expiry, fingerprint)
-_Local = tuple[Any, int, int, float, int]
-log = logging.getLogger("shmcache")
-_warned_oversize = False
 _PURGE_CHUNK = 4096  # slots reclaimed per lock hold, so purge never stalls writers long
 
 _instances: weakref.WeakSet[SharedMemorySessionCache] = weakref.WeakSet()
@@ -82,7 +72,7 @@ def _reset_counters_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_counters_after_fork)
 
 
-class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
+class SharedMemorySessionCache(LocalCopies, SegmentAdmin, ClosesOnExit):
     """A ``SessionCache`` whose entries every process on the host shares.
 
     Make one with :meth:`create` (once, in the process that owns the segment, e.g. the
@@ -169,36 +159,8 @@ class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
         Raises ``SegmentExists`` (a ``FileExistsError``) if either name is taken, and
         ``NoSpace`` if /dev/shm cannot hold the segment (reserved now, not on first touch).
         """
-        bare = _segment.normalize_name(name)
-        _check_host()
         positive_number("lock_timeout", lock_timeout)
-        geo = Geometry.for_capacity(capacity, value_size)
-        if not isinstance(mode, int) or mode & ~0o777:
-            raise InvalidArgument(f"mode must be permission bits like 0o600, got {mode!r}")
-        if mode & 0o022:
-            _refuse_default_pickle(geo.value_size, codec, f"mode {mode:#o} lets others write it")
-        info = HeaderInfo(
-            geo,
-            secrets.randbits(64),
-            secrets.randbits(64),
-            os.getpid(),
-            os.geteuid(),
-            time.time(),
-            _proc.pid_namespace(),
-            _proc.time_namespace(),
-            _mutex.probe(),
-        )
-
-        def init(mm: Any) -> None:
-            header = geo.pack_header(info)
-            SegmentLock.initialize(mm)
-            mm[8 : len(header)] = header[8:]
-            mm[0:8] = header[:8]  # the magic last: a half-made header never looks valid
-
-        segment = _segment.create(bare, geo.size, mode, init)
-        segment_words = memoryview(segment.mm).cast("B").cast("Q")
-        segment_words[W_KEEPER] = _proc.my_word()
-        segment_words.release()
+        segment, info = construct.create_segment(name, capacity, value_size, codec, mode)
         return cls(
             segment, info, codec=codec, clock=clock, lock_timeout=lock_timeout,
             attach_options={"allow_writable_by_others": bool(mode & 0o022)},
@@ -226,29 +188,8 @@ class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
         (``allow_writable_by_others=True`` accepts it). Root is no exception: a segment
         squatted in world-writable /dev/shm is exactly the attack.
         """
-        bare = _segment.normalize_name(name)
-        _check_host()
         positive_number("lock_timeout", lock_timeout)
-        segment = _segment.attach(
-            bare, owner_uid=owner_uid, allow_writable_by_others=allow_writable_by_others
-        )
-        try:
-            info = read_header(segment.mm, len(segment.mm))
-            _check_namespaces(bare, info)
-            if info.lock_abi != _mutex.probe():
-                raise IncompatibleSegment(
-                    f"segment {bare!r} was made by a process with another C library (lock ABI "
-                    f"{info.lock_abi}, here {_mutex.probe()}): its lock means nothing here"
-                )
-            st = os.fstat(segment.fd)
-            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-                _refuse_default_pickle(
-                    info.geometry.value_size, codec,
-                    f"segment {bare!r} can be written by another user",
-                )
-        except BaseException:
-            segment.close()
-            raise
+        segment, info = construct.attach_segment(name, codec, owner_uid, allow_writable_by_others)
         return cls(
             segment, info, codec=codec, clock=clock, lock_timeout=lock_timeout,
             attach_options={
@@ -409,42 +350,6 @@ class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
             or bool(user and mark(self._table.user_lease_word(user), gen) >= lease)
         )
 
-    def _encode(self, session: Any) -> tuple[bytes | None, int, bool]:
-        """``(value to share or None, fingerprint, oversize)``. The fingerprint lets other
-        processes keep their copy of an equal session; in hash-only mode it is taken from
-        the codec's encoding if one was given, else from pickle.dumps (pickling, never
-        unpickling: nothing is read back from it). 0 if the session cannot be encoded."""
-        table = self._table
-        if not self._value_mode:
-            try:
-                data = self._codec.encode(session) if self._codec else pickle.dumps(session, 5)
-            except Exception:
-                return None, 0, False
-            return None, table.fingerprint(bytes(data)), False
-        assert self._codec is not None
-        data = self._codec.encode(session)
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise InvalidType(f"codec.encode returned {type(data).__name__}, not bytes")
-        value = bytes(data)
-        fp = table.fingerprint(value)
-        if len(value) > self._info.geometry.value_size:
-            self._oversize_len = len(value)
-            return None, fp, True
-        return value, fp, False
-
-    def _warn_oversize(self, _: int) -> None:
-        """Once per process: a session too large for value_size is shared without its value
-        (a hit only where it was set), which silently multiplies validations."""
-        global _warned_oversize
-        if not _warned_oversize:
-            _warned_oversize = True
-            log.warning(
-                "shmcache segment %r: a session encoded to %d bytes, more than value_size=%d: "
-                "it is cached without its value (other processes miss it). Create the segment "
-                "with a larger value_size (stats()['oversize'] counts these).",
-                self.name, self._oversize_len, self._info.geometry.value_size,
-            )
-
     def invalidate(self, token: str) -> None:
         """Drop ``token`` everywhere: once this returns, ``get`` misses in every process.
 
@@ -581,59 +486,7 @@ class SharedMemorySessionCache(SegmentAdmin, ClosesOnExit):
         """Add one to a header counter (caller holds the lock)."""
         self._words[word] = (self._words[word] + 1) & U64
 
-    def _remember(
-        self, token: str, session: Any, slot: int, check: int, expiry_ms: int, fp: int
-    ) -> None:
-        local = self._local
-        if len(local) >= self._max_local and token not in local:
-            self._prune_local()
-        local[token] = (session, self._checks_w + slot, check, expiry_ms / 1000, fp)
-
-    def _prune_local(self) -> None:
-        """Bound the per-process map: drop entries the table no longer vouches for, then
-        the oldest ones, down to half the bound, so that pruning stays amortised O(1) per
-        set (they are only a cache of a cache: a dropped entry is a miss, never an error)."""
-        words, now = self._words, self._clock()
-        local = self._local
-        for token, (_, word, check, expires, _) in list(local.items()):
-            if words[word] != check or now >= expires:
-                local.pop(token, None)  # another thread may have dropped it already
-        excess = len(local) - self._max_local // 2
-        if excess > 0:
-            for token in list(local)[:excess]:
-                local.pop(token, None)
 
 
 def _attach_pickled(name: str, options: dict[str, Any]) -> SharedMemorySessionCache:
     return SharedMemorySessionCache.attach(name, **options)
-
-
-def _check_namespaces(name: str, info: HeaderInfo) -> None:
-    here = _proc.pid_namespace()
-    if info.pidns and here and info.pidns != here:
-        raise IncompatibleSegment(
-            f"segment {name!r} was created in another pid namespace: process ids in it "
-            "would mean nothing here (share the host's pid namespace)"
-        )
-    # Expiry times are CLOCK_MONOTONIC, which another time namespace offsets: a session
-    # expired here could look valid there (unshare --time). Refused rather than translated.
-    here = _proc.time_namespace()
-    if info.timens and here and info.timens != here:
-        raise IncompatibleSegment(
-            f"segment {name!r} was created in another time namespace: its expiry times "
-            "(CLOCK_MONOTONIC) would be wrong here (share the host's time namespace)"
-        )
-
-
-def _refuse_default_pickle(value_size: int, codec: Codec | None, why: str) -> None:
-    """Unpickling runs code: never by default from a segment someone else can write."""
-    if value_size and codec is None:
-        raise InvalidArgument(
-            f"{why}: values would be unpickled from it, and whoever can write it could run "
-            "code in this process; pass codec=JsonCodec() (or another codec you trust)"
-        )
-
-
-def _check_host() -> None:
-    if not host_supported():
-        raise ShmCacheError("shmcache needs a little-endian host (x86-64, aarch64)")

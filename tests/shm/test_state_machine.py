@@ -48,7 +48,7 @@ from hypothesis.stateful import (
 )
 
 from shmcache import PickleCodec, SharedMemorySessionCache
-from shmcache.shm import cache as shm_cache
+from shmcache.shm import construct as shm_construct
 
 START_MS = 1_000_000
 SMALL = 8  # capacity of the small table: fewer slots than the pool has storable tokens
@@ -92,7 +92,7 @@ class CacheModel(RuleBasedStateMachine):
         self.clock = FakeClock(START_MS / 1000)
         # Fixed hash seeds: which tokens collide (and so what is evicted) must not change
         # between hypothesis' runs of one example, or it could not replay and shrink it.
-        with mock.patch.object(shm_cache, "secrets", _FixedSeeds()):
+        with mock.patch.object(shm_construct, "secrets", _FixedSeeds()):
             self.a = SharedMemorySessionCache.create(
                 self.make_name(), capacity=self.capacity, value_size=self.value_size,
                 clock=self.clock,
