@@ -195,8 +195,10 @@ def test_real_app_counts_every_request(app_run: tuple[dict[str, Any], str]) -> N
             assert len(v["per_worker"]) == 4 and sum(v["per_worker"]) == c["requests"], where
             assert v["accepted"] == c["hits"] + c["db_found"], where
             assert 0 <= v["validations_per_1000"] <= 1000, where
-            # TTL 10 s, and a round far shorter: a user is validated at most once per worker.
-            assert c["db_found"] <= 200 * 4, (where, c)
+            # TTL 10 s, and a round far shorter: a user is validated about once per worker
+            # (twice when two of its requests miss in one worker at once: at most the
+            # connections in flight more).
+            assert c["db_found"] <= 200 * 4 + 32, (where, c)
             # Both logouts of the round returned, and the stale count is a count.
             assert c["logouts"] == 2 and v["logout_failures"] == 0, (where, v["rounds"])
             stale = v["stale"]
@@ -264,3 +266,40 @@ def test_real_app_options_are_checked(args: list[str], message: str) -> None:
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def goals_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Issue 11's goals on the real app: the seed's cache, hash-only and value mode, in one
+    run (rounds of 3 s, far shorter than the TTL: every user starts cold in every worker)."""
+    out = tmp_path_factory.mktemp("bench-goals")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--only", "app", "--app-seconds", "3",
+         "--app-caches", "inmemory,shm,shm-512", "--no-plots", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    app: dict[str, Any] = json.loads((out / "bench.json").read_text())["app"]
+    return app
+
+
+@pytest.mark.parametrize("dependency", ["sync", "async"])
+def test_real_app_meets_issue_11_validation_goals(
+    goals_run: dict[str, Any], dependency: str
+) -> None:
+    """Database validations per 1000 requests, new connection per request (the kernel
+    spreads each user's requests over the 4 workers), against the seed's cache in the same
+    run: hash-only at most 1.5x (it was 17-26x before equal sets kept other workers'
+    copies), value mode at most 0.5x (one worker validates, all read). Ratios of counts,
+    no clock."""
+    def per_1000(key: str) -> float:
+        v = goals_run["caches"][key]["variants"][dependency]["close"]
+        return float(v["validations_per_1000"])
+
+    seed = per_1000("inmemory")
+    assert seed > 0
+    assert per_1000("shm") <= 1.5 * seed, (per_1000("shm"), seed)
+    assert per_1000("shm-512") <= 0.5 * seed, (per_1000("shm-512"), seed)
+    for key in ("shm", "shm-512"):
+        stale = goals_run["caches"][key]["variants"][dependency]["close"]["stale"]
+        assert stale["accepted_after_logout"] == 0, (key, stale)

@@ -42,12 +42,12 @@ class LocalCopies:
     def _encode(self, session: Any) -> tuple[bytes | None, int, bool]:
         """``(value to share or None, fingerprint, oversize)``. The fingerprint lets other
         processes keep their copy of an equal session; in hash-only mode it is taken from
-        the codec's encoding if one was given, else from pickle.dumps (pickling, never
-        unpickling: nothing is read back from it). 0 if the session cannot be encoded."""
+        the codec's encoding if one was given, else from :func:`_canonical`. 0 if the
+        session cannot be encoded."""
         table = self._table
         if not self._value_mode:
             try:
-                data = self._codec.encode(session) if self._codec else pickle.dumps(session, 5)
+                data = self._codec.encode(session) if self._codec else _canonical(session)
             except Exception:
                 return None, 0, False
             return None, table.fingerprint(bytes(data)), False
@@ -96,3 +96,14 @@ class LocalCopies:
         if excess > 0:
             for token in list(local)[:excess]:
                 local.pop(token, None)
+
+
+def _canonical(session: Any) -> bytes:
+    """Bytes that are equal for equal sessions in every process, for the fingerprint of a
+    hash-only entry with no codec. A pydantic model's pickle is not (it holds the set of
+    fields given, whose order follows the per-process hash seed), so pydantic models use
+    their JSON; anything else its pickle (nothing is ever unpickled from it)."""
+    dump_json = getattr(session, "model_dump_json", None)
+    if callable(dump_json):
+        return str(dump_json()).encode()
+    return pickle.dumps(session, 5)

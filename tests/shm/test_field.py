@@ -240,3 +240,35 @@ def test_an_expired_lease_is_not_cached(segment_name: str) -> None:
         assert cache.get("E") == 1
     finally:
         cache.close()
+
+
+def test_equal_pydantic_sessions_match_across_interpreters(segment_name: str) -> None:
+    """Hash-only, no codec: another interpreter (another hash seed, as uvicorn's spawned
+    workers have) sets an equal pydantic session; this process keeps its copy. A pydantic
+    model's pickle differs between interpreters (a set of field names), so the fingerprint
+    must not come from it; this failed when it did."""
+    import os
+    import subprocess
+    import sys
+
+    cache = SharedMemorySessionCache.create(segment_name, capacity=64)
+    try:
+        mine = make_session(3)
+        cache.set("T", mine, 60)
+        code = (
+            "from pydantic import BaseModel\n"
+            "from shmcache import SharedMemorySessionCache\n"
+            "class Session(BaseModel):\n"
+            "    id: int\n    token: str\n    created_at: str\n    expires_at: str\n"
+            f"s = Session.model_validate_json({PydanticCodec(Session).encode(mine)!r})\n"
+            f"SharedMemorySessionCache.attach({segment_name!r}).set('T', s, 60)\n"
+        )
+        for seed in ("1", "2", "random"):
+            done = subprocess.run(
+                [sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},
+                capture_output=True, text=True, timeout=TIMEOUT,
+            )
+            assert done.returncode == 0, done.stderr
+            assert cache.get("T") is mine, f"copy dropped after a set with hash seed {seed}"
+    finally:
+        cache.close()
