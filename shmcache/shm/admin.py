@@ -54,6 +54,7 @@ class SegmentAdmin:
     _clock: Callable[[], float]
     _object_id: int
     _closed: bool
+    _fast: Any  # the compiled core (fast.py), or None: then it keeps this object's figures
 
     # -- maintenance ---------------------------------------------------------------------
 
@@ -131,6 +132,9 @@ class SegmentAdmin:
             "creator_pid": self._info.creator_pid,
             "created": self._info.created,
             "local_sessions": len(self._local),
+            # Which code ran this object's get/set/invalidate: "c" (the compiled core) or
+            # "python" (not built, or SHMCACHE_PURE_PYTHON set). Both share one segment.
+            "implementation": "python" if self._fast is None else "c",
         }
 
     def check(self) -> list[str]:
@@ -214,6 +218,7 @@ class SegmentAdmin:
 
     def _publish(self) -> None:
         """Copy this object's hit/miss counters into its record in the header."""
+        self._pull_counts()
         rec = self._counter_rec
         if rec == -2:
             if not (self._hits or self._misses):
@@ -233,10 +238,19 @@ class SegmentAdmin:
             finally:
                 lock.release()
             self._counter_rec = rec
+            if self._fast is not None:
+                self._fast.counter_rec = rec
         if rec >= 0:
             words = self._words
             words[rec + 1] = self._hits & U64
             words[rec + 2] = self._misses & U64
+
+    def _pull_counts(self) -> None:
+        """With the compiled core, this object's figures are the core's: copy them here."""
+        core = self._fast
+        if core is not None:
+            self._hits, self._misses = core.hits, core.misses
+            self._decode_errors, self._lease_drops = core.decode_errors, core.lease_drops
 
     def _ensure_open(self) -> None:
         if self._closed:

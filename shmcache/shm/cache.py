@@ -35,6 +35,7 @@ from .._leases import EXPIRED, NO_LEASE, Leases
 from .._protocol import UserIdOf
 from ..codecs import Codec, PickleCodec
 from . import construct
+from . import fast as _fast
 from . import proc as _proc
 from . import segment as _segment
 from .admin import SegmentAdmin
@@ -67,6 +68,8 @@ def _reset_counters_after_fork() -> None:
     for cache in list(_instances):
         cache._hits = cache._misses = 0
         cache._counter_rec = -2
+        if cache._fast is not None:
+            cache._fast.reset_counts()
 
 
 os.register_at_fork(after_in_child=_reset_counters_after_fork)
@@ -136,6 +139,16 @@ class SharedMemorySessionCache(LocalCopies, SegmentAdmin, ClosesOnExit):
             "codec": codec, "lock_timeout": lock_timeout, "user_id_of": user_id_of,
             "lease_timeout": lease_timeout, **attach_options,
         }
+        # The compiled core (fast.py), unless it is not built or SHMCACHE_PURE_PYTHON is
+        # set: its methods then answer get/set/invalidate/invalidate_by_user of this
+        # object (instance attributes: the class's methods below stay the reference).
+        self._fast: Any = _fast.make_core(self)
+        if self._fast is not None:
+            core = self._fast
+            self.__dict__.update(
+                get=core.get, set=core.set, invalidate=core.invalidate,
+                invalidate_by_user=core.invalidate_by_user,
+            )
         _instances.add(self)
 
     # -- construction --------------------------------------------------------------------
@@ -377,22 +390,28 @@ class SharedMemorySessionCache(LocalCopies, SegmentAdmin, ClosesOnExit):
         finally:
             lock.release()
         if not found:
-            # Not there: maybe expired and reclaimed, or maybe its tag was damaged in place
-            # while a process still trusts the slot's check word: drop such damaged copies
-            # too (found outside the lock, re-checked under it).
-            suspects = table.damaged_copies(tag, home)
-            if suspects:
-                try:
-                    lock.acquire()
-                    table.drop_damaged_locked(suspects)
-                    self._words[W_WRITING] = 0
-                except BaseException:
-                    if lock.held():
-                        table.repair_locked()
-                    raise
-                finally:
-                    lock.release()
+            self._drop_damaged_copies(tag, home)
         self._publish()
+
+    def _drop_damaged_copies(self, tag: bytes, home: int) -> None:
+        """A logout that did not find its tag: maybe expired and reclaimed, or maybe the tag
+        was damaged in place while a process still trusts the slot's check word: drop such
+        damaged copies too (found outside the lock, re-checked under it). The compiled
+        core calls this too, when its scan finds a candidate."""
+        table, lock = self._table, self._lock
+        suspects = table.damaged_copies(tag, home)
+        if suspects:
+            lock.refuse_reentry()
+            try:
+                lock.acquire()
+                table.drop_damaged_locked(suspects)
+                self._words[W_WRITING] = 0
+            except BaseException:
+                if lock.held():
+                    table.repair_locked()
+                raise
+            finally:
+                lock.release()
 
     def invalidate_by_user(self, user_id: str | int) -> int:
         """Drop every session of ``user_id`` (compared by ``str()``) in every process.
@@ -458,6 +477,8 @@ class SharedMemorySessionCache(LocalCopies, SegmentAdmin, ClosesOnExit):
             return
         self._closed = True
         self._local.clear()
+        if self._fast is not None:
+            self._fast.close()  # gives the mapping back (before the segment closes)
         lock = self._lock
         if self._counter_rec >= 0 and not lock.held():
             self._publish()
