@@ -113,6 +113,78 @@ def answer_commands(cache: Any, conn: Any) -> None:
             conn.send(("ok", result))
 
 
+# -- the same crash points in both implementations -----------------------------------------
+
+
+class KillOnWrite:
+    """Wraps a buffer or a word view: lets item assignments through while the shared budget
+    lasts, then SIGKILLs the process at the next one. Wrapping both the table's buffer and
+    its words kills the real write code at an exact store, whatever the layout."""
+
+    def __init__(self, target: Any, budget: list[int], torn: int = -1) -> None:
+        self._target = target
+        self._budget = budget
+        self._torn = torn  # with torn >= 0: that store writes only half its bytes, no kill
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if self._torn >= 0:
+            if self._torn == 0 and isinstance(key, slice) and len(value) > 1:
+                half = len(value) // 2
+                self._target[key.start : key.start + half] = value[:half]
+            else:
+                self._target[key] = value
+            self._torn -= 1
+            return
+        if self._budget[0] <= 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(60)  # not reached
+        self._budget[0] -= 1
+        self._target[key] = value
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._target[key]
+
+    def __len__(self) -> int:
+        return len(self._target)
+
+    def find(self, *args: Any) -> int:
+        return int(self._target.find(*args))
+
+
+def kill_at_store(cache: Any, budget: int | None = None, torn: int = -1) -> None:
+    """Make this process's next write through ``cache`` die by SIGKILL before its
+    ``budget``-th store to the table (journal, tag, slot words, value), or, with ``torn``,
+    write only half of its ``torn``-th byte-range store (tag, value) and go on; and never
+    release the lock (the holder dies holding it). In both implementations: the pure-Python
+    table's buffer and words are wrapped, and the compiled core (whose writes bypass them)
+    counts the same stores in the same order."""
+    shared = [10**9 if budget is None else budget]
+    table = cache._table
+    if torn >= 0:
+        table._buf = KillOnWrite(table._buf, shared, torn=torn)
+    else:
+        table._buf = KillOnWrite(table._buf, shared)
+        table.words = KillOnWrite(table.words, shared)
+    cache._lock.release = lambda: None  # die holding it
+    if cache._fast is not None:
+        cache._fast.test_hooks(budget=-1 if budget is None else budget, torn=torn, hold=True)
+
+
+def on_lock_wait(cache: Any, hook: Callable[[], None]) -> None:
+    """Call ``hook`` each time a write of ``cache`` starts a timed wait for the lock (the
+    pure-Python lock's ``lock_until``, or the compiled core's wait slices)."""
+    mutex = cache._lock._mutex
+    original = mutex.lock_until
+
+    def instrumented(deadline: float) -> int:
+        hook()
+        return int(original(deadline))
+
+    mutex.lock_until = instrumented
+    if cache._fast is not None:
+        cache._fast.test_hooks(wait_hook=hook)
+
+
 # -- the multi-process stress run -----------------------------------------------------------
 
 

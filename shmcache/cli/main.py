@@ -85,6 +85,18 @@ def _age(seconds: float) -> str:
     return f"{minutes}m {secs}s"
 
 
+def _implementation(used: str | None) -> str:
+    """Which code runs get/set/invalidate here (and in workers of this installation that
+    have the same environment): the compiled core or pure Python, and why."""
+    from ..shm import fast
+
+    if used == "c":
+        return f"c (the compiled core; {fast.ENV}=1 selects pure Python)"
+    if fast.pure_python_forced():
+        return f"python ({fast.ENV} is set)"
+    return f"python ({fast.UNAVAILABLE or 'pure Python'})"
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     with _attach(args) as cache:
         stats = cache.stats()
@@ -117,6 +129,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         ("lock owner", owner_text),
         ("creator pid", f"{stats['creator_pid']} (keeper {stats['keeper_pid']})"),
         ("age", _age(stats["age_seconds"])),
+        ("implementation", _implementation(stats.get("implementation"))),
     ]
     for label, value in rows:
         print(f"{label:<16} {value}")

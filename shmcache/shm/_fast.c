@@ -113,7 +113,7 @@ typedef struct {
     PyObject *wait_hook;
 } Core;
 
-static PyObject *s_leases, *s_dict, *s_publish, *s_prune_local, *s_warn_oversize,
+static PyObject *s_leases, *s_dict, *s_claim, *s_prune_local, *s_warn_oversize,
     *s_drop_damaged, *s_oversize_len, *s_prune, *s_leases_attr, *i_protocol5;
 
 /* ---- shared-memory words: single aligned 8-byte loads and stores, in program order -- */
@@ -876,17 +876,35 @@ static uint64_t logout_mark(Core *c, uint64_t word, uint64_t gen)
 
 /* ---- the per-process map and counters (local.py, admin.py) ----------------------------- */
 
+/* SegmentAdmin._publish: copy this object's figures into its record in the header. The
+   first time, claim a record under the lock (this core's lock: a dead holder found here is
+   recovered by this code); a live holder past lock_timeout, or this thread's own hold (a
+   signal handler's get inside a write), leaves the figures local until the next time. */
 static int publish(Core *c)
 {
     Py_ssize_t rec = c->counter_rec;
     if (rec == -2) {
         if (!(c->hits || c->misses))
+            return 0; /* nothing to say yet */
+        uint64_t gen;
+        if (acquire(c, &gen) < 0) {
+            if (!PyErr_ExceptionMatches(c->e_shm))
+                return -1;
+            PyErr_Clear();
             return 0;
-        PyObject *r = PyObject_CallMethodNoArgs(c->owner, s_publish); /* claims a record */
-        if (r == NULL)
+        }
+        PyObject *r = PyObject_CallMethodNoArgs(c->owner, s_claim);
+        if (r == NULL) {
+            abandon_write(c);
             return -1;
+        }
+        st_header(c, W_WRITING, 0);
+        release(c);
+        rec = PyLong_AsSsize_t(r);
         Py_DECREF(r);
-        return 0;
+        if (rec == -1 && PyErr_Occurred())
+            return -1;
+        c->counter_rec = rec;
     }
     if (rec >= 0 && (uint64_t)rec + 2 < c->nwords) {
         st_header(c, (uint64_t)rec + 1, c->hits);
@@ -1622,7 +1640,7 @@ PyMODINIT_FUNC PyInit__fast(void)
         return NULL;
     INTERN(s_leases, "leases");
     INTERN(s_dict, "__dict__");
-    INTERN(s_publish, "_publish");
+    INTERN(s_claim, "_claim_counter_locked");
     INTERN(s_prune_local, "_prune_local");
     INTERN(s_warn_oversize, "_warn_oversize");
     INTERN(s_drop_damaged, "_drop_damaged_copies");

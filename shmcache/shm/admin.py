@@ -229,21 +229,28 @@ class SegmentAdmin:
             rec = -2
             try:
                 lock.acquire()
-                rec = self._counter_rec  # another thread of this process may have claimed
-                if rec == -2:
-                    rec = self._counters.claim_locked(_proc.my_word(), self._object_id)
+                rec = self._claim_counter_locked()
                 self._words[W_WRITING] = 0
             except ShmCacheError:
                 pass  # a live holder past lock_timeout: the figures stay local, retry later
             finally:
                 lock.release()
-            self._counter_rec = rec
-            if self._fast is not None:
-                self._fast.counter_rec = rec
         if rec >= 0:
             words = self._words
             words[rec + 1] = self._hits & U64
             words[rec + 2] = self._misses & U64
+
+    def _claim_counter_locked(self) -> int:
+        """This object's record, claimed now if it has none yet (another thread of this
+        process may have claimed it meanwhile). Caller holds the lock: ``_publish``, or the
+        compiled core's own publish, which calls this under its lock."""
+        rec = self._counter_rec
+        if rec == -2:
+            rec = self._counters.claim_locked(_proc.my_word(), self._object_id)
+            self._counter_rec = rec
+            if self._fast is not None:
+                self._fast.counter_rec = rec
+        return rec
 
     def _pull_counts(self) -> None:
         """With the compiled core, this object's figures are the core's: copy them here."""

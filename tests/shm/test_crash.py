@@ -212,40 +212,6 @@ def test_recover_lock_frees_a_zombie_holders_lock(cache: SharedMemorySessionCach
 # -- (c) a holder killed in the middle of writing a slot ------------------------------------
 
 
-class KillOnWrite:
-    """Wraps a buffer or a word view: lets item assignments through while the shared budget
-    lasts, then SIGKILLs the process at the next one. Wrapping both the table's buffer and
-    its words kills the real write code at an exact store, whatever the layout."""
-
-    def __init__(self, target: Any, budget: list[int], torn: int = -1) -> None:
-        self._target = target
-        self._budget = budget
-        self._torn = torn  # with torn >= 0: that store writes only half its bytes, no kill
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        if self._torn >= 0:
-            if self._torn == 0 and isinstance(key, slice) and len(value) > 1:
-                half = len(value) // 2
-                self._target[key.start : key.start + half] = value[:half]
-            else:
-                self._target[key] = value
-            self._torn -= 1
-            return
-        if self._budget[0] <= 0:
-            die()
-        self._budget[0] -= 1
-        self._target[key] = value
-
-    def __getitem__(self, key: Any) -> Any:
-        return self._target[key]
-
-    def __len__(self) -> int:
-        return len(self._target)
-
-    def find(self, *args: Any) -> int:
-        return int(self._target.find(*args))
-
-
 def _slot_of(c: SharedMemorySessionCache, token: str) -> int:
     tag, home = c._table.tag_of(token.encode())
     slot = c._table.find(tag, home)
@@ -268,14 +234,10 @@ def test_holder_killed_at_each_store_of_a_write(
     newcomer = "tok-newcomer-" + "n" * 30
     new_session = {"token": newcomer}
     reset_session = {"token": victim, "v": 2}
-    table = cache._table
     status_r, status_w = FORK.Pipe(duplex=False)
 
     def child() -> None:
-        budget = [kill_at]
-        table._buf = KillOnWrite(table._buf, budget)
-        table.words = KillOnWrite(table.words, budget)
-        cache._lock.release = lambda: None  # type: ignore[method-assign]  # die holding it
+        _workers.kill_at_store(cache, None if kill_at == NEVER else kill_at)
         if op == "set-new":
             cache.set(newcomer, new_session, 60.0)
         elif op == "set-overwrite":
@@ -385,8 +347,7 @@ def test_holder_died_after_a_torn_write(cache: SharedMemorySessionCache) -> None
     newcomer = "tok-torn-" + "t" * 34
 
     def child() -> None:
-        cache._table._buf = KillOnWrite(cache._table._buf, [NEVER], torn=1)  # tag, then value
-        cache._lock.release = lambda: None  # type: ignore[method-assign]
+        _workers.kill_at_store(cache, torn=1)  # the tag whole, then half the value
         cache.set(newcomer, {"token": newcomer, "pad": "p" * 40}, 60.0)
         die()
 
@@ -581,17 +542,14 @@ def _blocked_setter(
             raise SystemExit(7)
 
     signal.signal(signum, handler)
-    mutex = cache._lock._mutex
-    original = mutex.lock_until
     told = []
 
-    def instrumented(deadline: float) -> int:
+    def waiting() -> None:
         if not told:
             told.append(1)
             conn.send("waiting")
-        return original(deadline)
 
-    mutex.lock_until = instrumented  # type: ignore[method-assign]
+    _workers.on_lock_wait(cache, waiting)
     cache.set("tok-signalled", {"token": "tok-signalled"}, 60.0)
     conn.send(("done", cache.get("tok-signalled")))
 
