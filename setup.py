@@ -14,7 +14,7 @@ setup(
             "shmcache.shm._fast",
             ["shmcache/shm/_fast.c"],
             optional=True,  # no compiler: a warning, and pure Python
-            extra_compile_args=["-O2", "-std=gnu11", "-pthread", "-Wall"],
+            extra_compile_args=["-std=gnu11", "-pthread", "-Wall"],
             extra_link_args=["-pthread"],
         )
     ]

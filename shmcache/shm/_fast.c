@@ -39,6 +39,9 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "shmcache's segment words are native little-endian: big-endian hosts are refused"
@@ -99,6 +102,8 @@ typedef struct {
     PyObject *e_type, *e_arg, *e_closed, *e_shm, *e_timeout, *e_corrupted;
     /* The cache object and what this core shares with it. */
     PyObject *owner, *local, *clock, *encode, *decode, *user_id_of, *lease_tls;
+    PyObject *encode_arg; /* NULL, or encode's second argument (pickle.dumps' protocol) */
+    unsigned long long serial; /* unique in the process: thread_leases' cache key */
     int value_mode;
     double lock_timeout, lease_timeout;
     PyObject *lock_timeout_obj; /* as given, for LockTimeout's message */
@@ -337,17 +342,31 @@ static inline uint64_t value_off(Core *c, uint64_t slot)
     return meta_w(c, slot) * 8 + 16;
 }
 
-/* Table.find: the first slot of the window [home, home + W) holding tag, or -1. */
+/* Table.find: the first slot of the window [home, home + W) holding tag, or -1. A miss
+   reads the whole window: one 16-byte compare per slot where SSE2 is there (x86-64). */
 static Py_ssize_t find_tag(Core *c, const uint8_t tag[TAG_SIZE], uint64_t home)
 {
+    const unsigned char *t = c->base + tag_off(c, home);
+#ifdef __SSE2__
+    __m128i want = _mm_loadu_si128((const __m128i *)tag);
+    for (uint64_t i = 0, n = c->window; i < n; i++) {
+        __m128i slot = _mm_load_si128((const __m128i *)(t + TAG_SIZE * i));
+        if (_mm_movemask_epi8(_mm_cmpeq_epi8(slot, want)) == 0xFFFF) {
+            __atomic_thread_fence(__ATOMIC_ACQUIRE);
+            return (Py_ssize_t)(home + i);
+        }
+    }
+#else
     uint64_t a, b;
     memcpy(&a, tag, 8);
     memcpy(&b, tag + 8, 8);
-    uint64_t first = tag_off(c, home) / 8;
-    for (uint64_t i = 0; i < c->window; i++) {
-        if (ld(c, first + 2 * i) == a && ld(c, first + 2 * i + 1) == b)
+    const uint64_t *w = (const uint64_t *)t;
+    for (uint64_t i = 0, n = c->window; i < n; i++) {
+        if (__atomic_load_n(&w[2 * i], __ATOMIC_RELAXED) == a &&
+            __atomic_load_n(&w[2 * i + 1], __ATOMIC_ACQUIRE) == b)
             return (Py_ssize_t)(home + i);
     }
+#endif
     return -1;
 }
 
@@ -566,12 +585,11 @@ static int half_tag_in_window(Core *c, const uint8_t tag[TAG_SIZE], uint64_t hom
     uint64_t a, b;
     memcpy(&a, tag, 8);
     memcpy(&b, tag + 8, 8);
-    uint64_t first = tag_off(c, home) / 8;
-    for (uint64_t i = 0; i < c->window; i++) {
-        if (ld(c, first + 2 * i) == a || ld(c, first + 2 * i + 1) == b)
-            return 1;
-    }
-    return 0;
+    const uint64_t *t = c->words + tag_off(c, home) / 8;
+    uint64_t hit = 0;
+    for (uint64_t i = 0, n = 2 * c->window; i < n; i += 2) /* no early exit: vectorizable */
+        hit |= (t[i] == a) | (t[i + 1] == b);
+    return hit != 0;
 }
 
 /* ---- the lock (lock.py: SegmentLock.acquire and _contended; mutex.py) ---------------- */
@@ -762,11 +780,30 @@ static void leave(Core *c)
 #define EXPIRED 1
 #define STAMPED 2
 
+/* This thread's dict of the Leases' threading.local, as the last core that asked saw it.
+   Borrowed: the dict lives while this thread and the threading.local do, and the core that
+   cached it (its serial is unique in the process) keeps the threading.local alive. */
+static __thread unsigned long long tls_serial;
+static __thread PyObject *tls_ldict;
+static unsigned long long next_serial = 1;
+
 static PyObject *thread_leases(Core *c, int create)
 {
-    PyObject *tdict = PyObject_GetAttr(c->lease_tls, s_dict);
-    if (tdict == NULL)
-        return NULL;
+    PyObject *tdict;
+    if (tls_serial == c->serial) {
+        tdict = Py_NewRef(tls_ldict);
+    } else {
+        tdict = PyObject_GetAttr(c->lease_tls, s_dict);
+        if (tdict == NULL)
+            return NULL;
+        if (!PyDict_Check(tdict)) {
+            Py_DECREF(tdict);
+            PyErr_SetString(PyExc_TypeError, "a threading.local's __dict__ is not a dict");
+            return NULL;
+        }
+        tls_serial = c->serial;
+        tls_ldict = tdict;
+    }
     PyObject *leases = PyDict_GetItemWithError(tdict, s_leases);
     if (leases != NULL || PyErr_Occurred() || !create) {
         Py_XINCREF(leases);
@@ -781,6 +818,20 @@ static PyObject *thread_leases(Core *c, int create)
     }
     Py_DECREF(tdict);
     return leases;
+}
+
+/* (a, b), stealing both references (either may be NULL: then NULL, both released). */
+static PyObject *pair(PyObject *a, PyObject *b)
+{
+    PyObject *t = (a && b) ? PyTuple_New(2) : NULL;
+    if (t == NULL) {
+        Py_XDECREF(a);
+        Py_XDECREF(b);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(t, 0, a);
+    PyTuple_SET_ITEM(t, 1, b);
+    return t;
 }
 
 static int lease_grant(Core *c, PyObject *token, uint64_t stamp)
@@ -814,7 +865,7 @@ static int lease_grant(Core *c, PyObject *token, uint64_t stamp)
             goto done;
         Py_DECREF(r);
     }
-    PyObject *entry = Py_BuildValue("(Kd)", (unsigned long long)stamp, now);
+    PyObject *entry = pair(PyLong_FromUnsignedLongLong(stamp), PyFloat_FromDouble(now));
     if (entry == NULL)
         goto done;
     rc = PyDict_SetItem(leases, token, entry);
@@ -913,6 +964,20 @@ static int publish(Core *c)
     return 0;
 }
 
+/* dict.pop(key, None): one lookup, and no KeyError raised and cleared when it is absent. */
+static int discard(PyObject *dict, PyObject *key)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    return PyDict_Pop(dict, key, NULL) < 0 ? -1 : 0;
+#else
+    PyObject *r = _PyDict_Pop(dict, key, Py_None);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+#endif
+}
+
 /* LocalCopies._remember */
 static int remember(Core *c, PyObject *token, PyObject *session, uint64_t slot, uint64_t check,
                     uint64_t expiry_ms, uint64_t fp)
@@ -928,11 +993,20 @@ static int remember(Core *c, PyObject *token, PyObject *session, uint64_t slot, 
             Py_DECREF(r);
         }
     }
-    PyObject *entry = Py_BuildValue("(OKKdK)", session, (unsigned long long)(c->checks_w + slot),
-                                    (unsigned long long)check, (double)expiry_ms / 1000.0,
-                                    (unsigned long long)fp);
+    PyObject *entry = PyTuple_New(5);
     if (entry == NULL)
         return -1;
+    PyObject *items[4] = {PyLong_FromUnsignedLongLong(c->checks_w + slot),
+                          PyLong_FromUnsignedLongLong(check),
+                          PyFloat_FromDouble((double)expiry_ms / 1000.0),
+                          PyLong_FromUnsignedLongLong(fp)};
+    PyTuple_SET_ITEM(entry, 0, Py_NewRef(session));
+    for (int i = 0; i < 4; i++)
+        PyTuple_SET_ITEM(entry, i + 1, items[i]);
+    if (!items[0] || !items[1] || !items[2] || !items[3]) {
+        Py_DECREF(entry);
+        return -1;
+    }
     int rc = PyDict_SetItem(c->local, token, entry);
     Py_DECREF(entry);
     return rc;
@@ -1037,11 +1111,8 @@ static PyObject *get_slow(Core *c, PyObject *token, PyObject *entry)
         leave(c);
         return session;
     }
-    if (entry != NULL && PyDict_DelItem(c->local, token) < 0) {
-        if (!PyErr_ExceptionMatches(PyExc_KeyError))
-            goto fail;
-        PyErr_Clear(); /* another thread dropped it already */
-    }
+    if (entry != NULL && discard(c->local, token) < 0)
+        goto fail;
     if (PyUnicode_GET_LENGTH(token) > 0) {
         /* A lease: the first lock generation that may not be finished now. acquire()
            raises W_WRITING before it raises the generation: read the generation first. */
@@ -1097,6 +1168,14 @@ static PyObject *Core_get(Core *c, PyObject *token)
 
 /* ---- set (cache.py: set; local.py: _encode) --------------------------------------- */
 
+static PyObject *call_encode(Core *c, PyObject *session)
+{
+    if (c->encode_arg == NULL)
+        return PyObject_CallOneArg(c->encode, session);
+    PyObject *args[2] = {session, c->encode_arg};
+    return PyObject_Vectorcall(c->encode, args, 2, NULL);
+}
+
 /* LocalCopies._encode: (value or NULL, fingerprint, oversize). */
 static int encode(Core *c, PyObject *session, PyObject **value, uint64_t *fp, int *oversize)
 {
@@ -1106,7 +1185,7 @@ static int encode(Core *c, PyObject *session, PyObject **value, uint64_t *fp, in
     PyObject *data;
     if (!c->value_mode) {
         if (c->encode != NULL)
-            data = PyObject_CallOneArg(c->encode, session);
+            data = call_encode(c, session);
         else if (PyDict_CheckExact(session)) { /* _canonical: a dict has no model_dump_json */
             PyObject *args[2] = {session, i_protocol5};
             data = PyObject_Vectorcall(c->dumps, args, 2, NULL);
@@ -1132,7 +1211,7 @@ static int encode(Core *c, PyObject *session, PyObject **value, uint64_t *fp, in
             *fp = 1;
         return rc;
     }
-    data = PyObject_CallOneArg(c->encode, session);
+    data = call_encode(c, session);
     if (data == NULL)
         return -1;
     if (!PyBytes_Check(data) && !PyByteArray_Check(data) && !PyMemoryView_Check(data)) {
@@ -1314,11 +1393,8 @@ static PyObject *Core_set(Core *c, PyObject *const *args, Py_ssize_t nargs, PyOb
     release(c);
 
     if (!has_slot) {
-        if (PyDict_DelItem(c->local, token) < 0) {
-            if (!PyErr_ExceptionMatches(PyExc_KeyError))
-                goto out;
-            PyErr_Clear();
-        }
+        if (discard(c->local, token) < 0)
+            goto out;
         c->lease_drops++;
         result = Py_NewRef(Py_None);
         goto out;
@@ -1346,11 +1422,8 @@ static PyObject *Core_invalidate(Core *c, PyObject *token)
         return invalid_type(c, "token", token);
     if (c->closed) /* close() emptied the map already */
         return enter(c) < 0 ? NULL : NULL;
-    if (PyDict_DelItem(c->local, token) < 0) {
-        if (!PyErr_ExceptionMatches(PyExc_KeyError))
-            return NULL;
-        PyErr_Clear();
-    }
+    if (discard(c->local, token) < 0)
+        return NULL;
     if (enter(c) < 0)
         return NULL;
     PyObject *result = NULL;
@@ -1463,9 +1536,9 @@ static int Core_init(Core *c, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTuple(errors, "OOOOOO", &c->e_type, &c->e_arg, &c->e_closed, &c->e_shm,
                           &c->e_timeout, &c->e_corrupted))
         return -1;
-    PyObject *clock, *encode, *decode, *user_id_of;
-    if (!PyArg_ParseTuple(shared, "O!OOOOO", &PyDict_Type, &c->local, &clock, &encode, &decode,
-                          &user_id_of, &c->lease_tls))
+    PyObject *clock, *encode, *encode_arg, *decode, *user_id_of;
+    if (!PyArg_ParseTuple(shared, "O!OOOOOO", &PyDict_Type, &c->local, &clock, &encode,
+                          &encode_arg, &decode, &user_id_of, &c->lease_tls))
         return -1;
     if (!PyArg_ParseTuple(options, "Odnn", &c->lock_timeout_obj, &c->lease_timeout,
                           &c->max_local, &c->max_leases))
@@ -1481,6 +1554,7 @@ static int Core_init(Core *c, PyObject *args, PyObject *kwds)
         Py_INCREF(all[i]);
     c->clock = clock == Py_None ? NULL : Py_NewRef(clock);
     c->encode = encode == Py_None ? NULL : Py_NewRef(encode);
+    c->encode_arg = encode_arg == Py_None ? NULL : Py_NewRef(encode_arg);
     c->decode = decode == Py_None ? NULL : Py_NewRef(decode);
     c->user_id_of = user_id_of == Py_None ? NULL : Py_NewRef(user_id_of);
     c->owner = Py_NewRef(owner);
@@ -1524,6 +1598,7 @@ static int Core_init(Core *c, PyObject *args, PyObject *kwds)
     c->mutex = (pthread_mutex_t *)(c->base + MUTEX_OFFSET);
     c->counter_rec = -2;
     c->test_budget = c->test_torn = -1;
+    c->serial = next_serial++; /* under the GIL */
     return 0;
 }
 
@@ -1533,6 +1608,7 @@ static int Core_traverse(Core *c, visitproc visit, void *arg)
     Py_VISIT(c->local);
     Py_VISIT(c->clock);
     Py_VISIT(c->encode);
+    Py_VISIT(c->encode_arg);
     Py_VISIT(c->decode);
     Py_VISIT(c->user_id_of);
     Py_VISIT(c->lease_tls);
@@ -1548,6 +1624,7 @@ static int Core_clear(Core *c)
     Py_CLEAR(c->local);
     Py_CLEAR(c->clock);
     Py_CLEAR(c->encode);
+    Py_CLEAR(c->encode_arg);
     Py_CLEAR(c->decode);
     Py_CLEAR(c->user_id_of);
     Py_CLEAR(c->lease_tls);

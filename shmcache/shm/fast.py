@@ -23,6 +23,7 @@ from .. import _errors
 from .._args import ttl as ttl_arg
 from .._args import user_key
 from .._leases import _MAX_PER_THREAD
+from ..codecs import PickleCodec
 from . import layout
 from .local import _canonical
 
@@ -79,6 +80,11 @@ def make_core(cache: SharedMemorySessionCache) -> Any | None:
     table = cache._table
     geo = table.geometry
     codec = cache._codec
+    encode: Any = None if codec is None else codec.encode
+    decode: Any = None if codec is None else codec.decode
+    encode_arg: Any = None
+    if type(codec) is PickleCodec:  # its methods are these calls: skip their Python frames
+        encode, encode_arg, decode = pickle.dumps, pickle.HIGHEST_PROTOCOL, pickle.loads
     return _fast.Core(
         cache,
         cache._segment.mm,
@@ -99,8 +105,9 @@ def make_core(cache: SharedMemorySessionCache) -> Any | None:
         (
             cache._local,
             None if cache._clock is time.monotonic else cache._clock,  # C reads it itself
-            codec.encode if codec is not None else None,
-            codec.decode if codec is not None else None,
+            encode,
+            encode_arg,
+            decode,
             cache._user_id_of,
             cache._leases._tls,
         ),
