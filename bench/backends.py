@@ -16,8 +16,10 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from unittest import mock
 
 from shmcache import InMemorySessionCache, SharedMemorySessionCache
+from shmcache.shm import fast
 
 from . import seed
 from .adapters import (
@@ -106,21 +108,31 @@ class InMemoryStore(Store):
 
 
 class ShmStore(Store):
-    def __init__(self, value_size: int, capacity: int = CAPACITY) -> None:
-        self.impl = f"shmcache.SharedMemorySessionCache(value_size={value_size})"
+    """``pure=True``: every object of this store (and of the children that open it) runs the
+    pure-Python code, beside the default (compiled, if built) stores in the same run."""
+
+    def __init__(self, value_size: int, capacity: int = CAPACITY, pure: bool = False) -> None:
+        self.pure = pure
+        self.impl = (f"shmcache.SharedMemorySessionCache(value_size={value_size}), "
+                     f"{'pure Python' if pure else fast.implementation()}")
         self.name = segment_name("v" if value_size else "h")
         self.capacity = capacity
         self.value_size = value_size
         # Hash-only: another process's get of a session set here is a miss (by design).
         self.shared = value_size > 0
-        self._creator = SharedMemorySessionCache.create(
-            self.name, capacity=capacity, value_size=value_size
-        )
+        with self._implementation():
+            self._creator = SharedMemorySessionCache.create(
+                self.name, capacity=capacity, value_size=value_size
+            )
         self._opened: list[SharedMemorySessionCache] = []
         self._pid = os.getpid()
 
+    def _implementation(self) -> Any:
+        return mock.patch.dict(os.environ, {fast.ENV: "1"} if self.pure else {})
+
     def open(self) -> SharedMemorySessionCache:
-        cache = SharedMemorySessionCache.attach(self.name)
+        with self._implementation():
+            cache = SharedMemorySessionCache.attach(self.name)
         if os.getpid() == self._pid:
             self._opened.append(cache)
         return cache
@@ -298,6 +310,18 @@ class TieredPgStore(Store):
         self._shm.destroy()
 
 
+# Which code the default shared-memory rows run (the compiled core unless it is not built or
+# SHMCACHE_PURE_PYTHON is set): said in their labels, beside the pure-Python rows.
+_IMPL = ", compiled" if fast.implementation() == "c" else ", pure Python"
+
+
+def _compiled_missing() -> str | None:
+    if fast.implementation() != "c":
+        return "the default shmcache rows run pure Python already (" + (
+            f"{fast.ENV} is set)" if fast.pure_python_forced() else f"{fast.UNAVAILABLE})")
+    return None
+
+
 def _database_missing() -> str | None:
     import shmcache
 
@@ -339,8 +363,14 @@ class Backend:
 BACKENDS: tuple[Backend, ...] = (
     Backend("inmemory", "InMemorySessionCache (seed)", lambda r: InMemoryStore()),
     Backend("inmemory-pkg", "shmcache.InMemorySessionCache", lambda r: InMemoryStore(False)),
-    Backend("shm", "shmcache, hash-only", lambda r: ShmStore(0)),
-    Backend("shm-value", f"shmcache, value_size={VALUE_SIZE}", lambda r: ShmStore(VALUE_SIZE)),
+    Backend("shm", f"shmcache, hash-only{_IMPL}", lambda r: ShmStore(0)),
+    Backend("shm-value", f"shmcache, value_size={VALUE_SIZE}{_IMPL}",
+            lambda r: ShmStore(VALUE_SIZE)),
+    # Issue 15: the pure-Python reference beside the compiled core, same run.
+    Backend("shm-py", "shmcache, hash-only, pure Python", lambda r: ShmStore(0, pure=True),
+            _compiled_missing),
+    Backend("shm-value-py", f"shmcache, value_size={VALUE_SIZE}, pure Python",
+            lambda r: ShmStore(VALUE_SIZE, pure=True), _compiled_missing),
     Backend("lmdb", "LMDB (py-lmdb)", LmdbStore, lambda: _module_missing("lmdb")),
     Backend("diskcache", "diskcache", DiskcacheStore, lambda: _module_missing("diskcache")),
     Backend("manager", "Manager().dict()", lambda r: ManagerStore()),

@@ -13,7 +13,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import app, e2e, memory, multi, plots, readme, report, single, table, targets
+from . import (
+    app,
+    e2e,
+    instructions,
+    memory,
+    multi,
+    plots,
+    readme,
+    report,
+    single,
+    table,
+    targets,
+)
 from . import backends as backends_mod
 from .config import FULL, PRESETS, Config
 from .env import cpu_times, environment, load_during
@@ -21,7 +33,7 @@ from .progress import Progress
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = time.perf_counter()  # imported first thing by ``python -m bench``
-SECTIONS = ("single", "multi", "table", "e2e", "memory", "app")
+SECTIONS = ("single", "instructions", "multi", "table", "e2e", "memory", "app")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,6 +90,7 @@ def _measure(cfg: Config, sections: list[str], keys: tuple[str, ...] | None,
     machine_load: dict[str, Any] = {}
     runners: dict[str, Callable[[], dict[str, Any]]] = {
         "single": lambda: single.run(cfg, chosen, res, progress),
+        "instructions": lambda: instructions.run(cfg.instruction_calls, note=note),
         "multi": lambda: multi.run(cfg, chosen, res, progress),
         "table": lambda: table.run(cfg, progress),
         "e2e": lambda: e2e.run(cfg, chosen, res, progress),
@@ -88,6 +101,8 @@ def _measure(cfg: Config, sections: list[str], keys: tuple[str, ...] | None,
         for name in sections:
             progress.section(name)
             if name == "e2e" and not cfg.e2e_seconds:
+                continue
+            if name == "instructions" and not cfg.instruction_calls:
                 continue
             if name == "app" and not cfg.app_seconds:
                 if args_only:

@@ -38,6 +38,8 @@ class Config:
     app_logouts: int = 10  # users logged out in each round, under load
     app_caches: tuple[str, ...] = ("inmemory", "shm", "shm-256", "shm-512", "redis")
     app_dependencies: tuple[str, ...] = ("sync", "async")
+    # callgrind instruction counts (issue 15): calls per operation; 0: skipped
+    instruction_calls: int = 2000
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,6 +69,7 @@ QUICK = Config(
     # No real app: its figures need rounds as long as the cache TTL (10 s), and ten
     # servers; `--quick --only app --app-seconds S` runs it anyway.
     app_seconds=0.0,
+    instruction_calls=300,
 )
 
 # For tests/test_bench.py: every section's machinery, one backend pair, a few hundred calls.
@@ -80,6 +83,7 @@ SMOKE = Config(
     big_capacity=10000,
     # --smoke --only app --app-seconds 1 (tests/test_bench.py): one seed/value-mode pair.
     app_seconds=0.0, app_warmup=0.0, app_logouts=2, app_caches=("inmemory", "shm-512"),
+    instruction_calls=0,  # tests/test_bench.py runs `python -m bench.instructions -n` itself
 )
 
 PRESETS = {c.name: c for c in (FULL, QUICK, SMOKE)}

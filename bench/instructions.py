@@ -44,15 +44,6 @@ VARIANTS: dict[str, tuple[str, int | None, bool]] = {
 TTL = 3600.0
 
 
-def first_read_session(token: str, i: int) -> dict[str, Any]:
-    """A seed-shaped session that pickles to about 200 bytes."""
-    return {
-        "id": i, "token": token, "user": f"user-{i:08d}",
-        "created_at": "2026-11-27T10:00:00+00:00",
-        "expires_at": "2026-12-27T10:00:00+00:00",
-    }
-
-
 def _drive(key: str, n: int) -> None:
     """The program callgrind runs (see the module docstring)."""
     import random
@@ -62,12 +53,12 @@ def _drive(key: str, n: int) -> None:
     from shmcache.shm import fast
 
     from .seed import InMemorySessionCache
-    from .workload import tokens
+    from .workload import session, tokens
 
     _, value_size, pure = VARIANTS[key]
     rng = random.Random(15)
     hit, absent, fresh, other, absent2, warm = (tokens(n, rng) for _ in range(6))
-    sessions = [first_read_session(t, i) for i, t in enumerate(fresh)]
+    sessions = [session(t, i) for i, t in enumerate(fresh)]
     name = f"shmcache-bench-instr-{os.getpid()}"
     cache: Any
     writer: Any = None
@@ -80,13 +71,13 @@ def _drive(key: str, n: int) -> None:
             writer = SharedMemorySessionCache.attach(name)
     try:
         for i, t in enumerate(hit):
-            cache.set(t, first_read_session(t, i), TTL)
+            cache.set(t, session(t, i), TTL)
         for i, t in enumerate(other):
-            writer.set(t, first_read_session(t, i), TTL)
+            writer.set(t, session(t, i), TTL)
         # Warm every path once (counter records, lease maps, codec state), off the record.
         for i, t in enumerate(warm[:50]):
             cache.get(t)
-            cache.set(t, first_read_session(t, i), TTL)
+            cache.set(t, session(t, i), TTL)
             cache.get(t)
             cache.invalidate(t)
             cache.invalidate(t)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .instructions import table as instructions_table
 from .stats import finite
 
 Table = tuple[str, list[str], list[list[str]]]
@@ -55,19 +56,20 @@ def single_table(single: dict[str, Any]) -> Table:
 
 def other_table(single: dict[str, Any]) -> Table:
     headers = ["backend", "first read", "get (hit) median / p99", "in-memory get, same child",
-               "ratio"]
+               "ratio", "first read ratio"]
     rows = []
     for row in single["backends"].values():
         o = row.get("other_process")
         if not o:
             continue
         if "error" in o:
-            rows.append([row["label"], f"error: {o['error']}", "", "", ""])
+            rows.append([row["label"], f"error: {o['error']}", "", "", "", ""])
             continue
         rows.append([
             row["label"], ns(o["first_read"]["median"]),
             f"{ns(o['get_hit']['median'])} / {ns(o['get_hit']['p99'])}",
             ns(o["inmemory_get_hit"]["median"]), times(o["ratio"]),
+            times(o.get("first_read_ratio")),
         ])
     return ("get (hit) in a process that did not set the session", headers, rows)
 
@@ -232,13 +234,15 @@ def targets_table(targets: list[dict[str, Any]]) -> Table:
         met = {True: "met", False: "MISSED", None: "-"}[t["met"]]
         rows.append([t["name"], f"{t['cmp']} {t['limit']:g}{unit}", figs, met,
                      t.get("why", "")])
-    return ("Targets (issues 4 and 11)", headers, rows)
+    return ("Targets (issues 4, 11 and 15)", headers, rows)
 
 
 def all_tables(result: dict[str, Any]) -> list[Table]:
     out = []
     if "single" in result:
         out += [single_table(result["single"]), other_table(result["single"])]
+    if result.get("instructions", {}).get("variants"):
+        out.append(instructions_table(result["instructions"]))
     if "multi" in result:
         out += [multi_table(result["multi"], w) for w in result["multi"]["workloads"]]
     if "table" in result:

@@ -69,6 +69,46 @@ def _target(
             "met": met}
 
 
+# Issue 15's goals for the compiled core: the default shared-memory rows when they ran it.
+# The instruction counts (callgrind, repeatable) and the pure-Python rows are context.
+_FAST_GOALS = (
+    ("get_hit", "get (hit)", 1.1), ("get_miss", "get (miss)", 1.5), ("set", "set", 2.5),
+    ("invalidate", "invalidate", 2.5),
+)
+_INSTR = {"shm": "c", "shm-value": "c-value"}
+_PURE = {"shm": "shm-py", "shm-value": "shm-value-py"}
+
+
+def _fast_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    single = _get(result, "single", "backends") or {}
+    instr = _get(result, "instructions", "variants") or {}
+    compiled = {k: m for k, m in SHM.items()
+                if str(_get(single, k, "impl") or "").endswith(", c")}
+    out = []
+    for op, name, limit in _FAST_GOALS:
+        t = _target(f"compiled core: {name} vs the seed's {name.split(' ')[0]}", "<=", limit,
+                    {m: _get(single, k, "ops", op, "ratio") for k, m in compiled.items()})
+        t["context"] = {f"{m}, instructions": _get(instr, _INSTR[k], "ratio", op)
+                        for k, m in compiled.items()}
+        if op == "invalidate":
+            t["context"].update({f"{m}, absent token": _get(single, k, "ops",
+                                                             "invalidate_absent", "ratio")
+                                 for k, m in compiled.items()})
+        t["context"].update({f"pure Python {m}": _get(single, _PURE[k], "ops", op, "ratio")
+                             for k, m in compiled.items()})
+        out.append(t)
+    value = "shm-value" if "shm-value" in compiled else None
+    t = _target("compiled core: first read of a ~200-byte session set by another process, vs "
+                "the seed's get", "<=", 5.0,
+                {"value mode": _get(single, value, "other_process", "first_read_ratio")}
+                if value else {})
+    t["context"] = {"instructions": _get(instr, "c-value", "ratio", "first_read"),
+                    "pure Python": _get(single, "shm-value-py", "other_process",
+                                        "first_read_ratio")}
+    out.append(t)
+    return out
+
+
 _SPREAD = {"sync": "sync", "async": "async"}
 
 
@@ -146,6 +186,7 @@ def evaluate(result: dict[str, Any]) -> list[dict[str, Any]]:
     hash_only = [m["bytes_per_session"] for m in per_mode if m["value_size"] == 0]
     out.append(_target("shared memory per session, hash-and-expiry mode", "<=", 48.0,
                        {"hash-only": hash_only[0] if hash_only else None}, unit=" B"))
+    out += _fast_targets(result)
     out += _app_targets(_get(result, "app", "caches") or {})
     mode = _get(result, "meta", "mode")
     budget = {"quick": 60.0, "full": 600.0}.get(str(mode))

@@ -98,7 +98,7 @@ def test_table_memory_and_targets(smoke: tuple[dict[str, Any], str, Path]) -> No
 def test_terminal_report(smoke: tuple[dict[str, Any], str, Path]) -> None:
     stdout = smoke[1]
     for title in ("Single process", "Many processes, sticky", "Table behaviour", "Memory",
-                  "Targets (issues 4 and 11)"):
+                  "Targets (issues 4, 11 and 15)"):
         assert title in stdout
 
 
@@ -138,12 +138,35 @@ def test_every_missed_target_is_explained_in_one_line(
     assert explained == set(targets.WHY_MISSED)
     assert all("\n" not in why and "|" not in why for why in targets.WHY_MISSED.values())
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    table = readme[readme.index("**Targets (issues 4 and 11)**"):].split("\n\n")[1]
+    table = readme[readme.index("**Targets (issues 4, 11 and 15)**"):].split("\n\n")[1]
     missed = [row.split(" | ") for row in table.splitlines() if "| MISSED |" in row]
     assert missed, "the README's targets table has no MISSED row to check"
     for cells in missed:
         name, why = cells[0].lstrip("| "), cells[4].rstrip(" |")
         assert why == targets.WHY_MISSED[name], name
+
+
+def test_instruction_counts() -> None:
+    """bench/instructions.py (issue 15): its driver's phases under callgrind, tiny. Without
+    valgrind the driver still runs, so the phases cannot rot where the tool is missing."""
+    from bench import instructions
+    from shmcache.shm import fast
+
+    keys = ("seed", "c" if fast.compiled_available() else "py")
+    if instructions.valgrind_missing():
+        for key in keys:
+            instructions._drive(key, 20)
+        return
+    result = instructions.run(n=20, keys=keys, note=lambda msg: None)
+    for key in keys:
+        row = result["variants"][key]
+        assert "error" not in row, row
+        assert set(row["per_call"]) == set(instructions.OPS) - {"first_read"} or key == "seed"
+        assert all(_positive(v) for v in row["per_call"].values()), row
+        assert all(_positive(v) for v in row["ratio"].values()), row
+    assert result["variants"]["seed"]["ratio"]["get_hit"] == 1.0
+    title, headers, rows = instructions.table(result)
+    assert "callgrind" in title and len(rows) == 2 and all(len(r) == len(headers) for r in rows)
 
 
 def test_plots(smoke: tuple[dict[str, Any], str, Path], tmp_path: Path) -> None:
