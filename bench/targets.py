@@ -18,10 +18,37 @@ SHM = {"shm": "hash-only", "shm-value": "value mode"}
 # names what would have to change to meet the target.
 WHY_MISSED = {
     "set vs InMemorySessionCache.set":
-        "a set is a locked write in pure Python (keyed hashes, a window scan, the journal, tag,"
-        " expiry, user and value, then the check word) against one dict store; only a table"
-        " written in C gets near (a prototype did 1.36x). Sets run once per login or cache"
-        " miss, gets on every request",
+        "a set pickles the session (its value, or in hash-only mode its fingerprint, so that"
+        " an equal set elsewhere keeps other processes' copies): pickle.dumps alone is about"
+        " 6,000 instructions, 2.7x the seed's whole set, which stores the object; the"
+        " compiled core's locked write adds keyed hashes through the xxhash module. Sets run"
+        " once per login or cache miss, gets on every request",
+    "compiled core: get (hit) vs the seed's get":
+        "the hit is a dict lookup, one 8-byte load of the slot's check word in shared memory"
+        " and a clock read, 0.44x the seed's instructions; the load misses the CPU cache when"
+        " the token pool and the table are large, as here (a 1 MiB check-word array), and"
+        " runs of this shared VM differ by more than the margin",
+    "compiled core: get (miss) vs the seed's get":
+        "a miss hashes the token through the xxhash module (about 700 of its 3,600"
+        " instructions; xxh3 itself is 110), scans the 96-slot window in shared memory (about"
+        " 300, and cache misses a dict's one probe does not have) and records a lease for the"
+        " set that may follow (about 1,200: a tuple in a per-thread dict); the seed's miss is"
+        " one dict lookup. A vendored xxh3 and leases kept in C would remove most of both",
+    "compiled core: set vs the seed's set":
+        "pickle.dumps of the session (value, or fingerprint in hash-only mode) is about 6,000"
+        " of the set's 13,000 instructions, 2.7x the seed's whole set; three keyed hashes"
+        " through the xxhash module cost about 700 each (xxh3 itself about 150), and the"
+        " per-process copy is remembered: only a set that stores no encoding could meet it",
+    "compiled core: invalidate vs the seed's invalidate":
+        "a logout hashes the token through the xxhash module (about 700 of its 2,600"
+        " instructions), takes the robust mutex, journals and zeroes the slot, scans the rest"
+        " of the window for another copy (about 400) and marks the lease bucket; the seed pops"
+        " one dict key. A vendored xxh3 would bring it near 2x",
+    "compiled core: first read of a ~200-byte session set by another process, vs the "
+    "seed's get":
+        "decoding is the codec's: pickle.loads of a 200-byte session is about 8,000"
+        " instructions, 6x the seed's whole get, before any table work (hash, probe, the"
+        " checked copy of the slot: about 2,500); a cheaper codec is the only way there",
     "throughput, 2 processes vs 1 (2 cores)":
         "two processes have two cores only when nothing else runs on this shared VM: the"
         " empty loop and the in-memory cache beside the figures are that run's ceiling; and"

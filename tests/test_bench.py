@@ -242,7 +242,7 @@ def test_real_app_report_targets_plot_and_readme(
 ) -> None:
     result, stdout = app_run
     for title in ("Real app, database validations per 1000 requests", "Real app under load",
-                  "Targets (issues 4 and 11)"):
+                  "Targets (issues 4, 11 and 15)"):
         assert title in stdout
     names = [t["name"] for t in result["targets"]]
     assert sum(n.startswith("real app") for n in names) == 3
