@@ -1146,24 +1146,30 @@ static PyObject *Core_get(Core *c, PyObject *token)
             return NULL;
         return get_slow(c, token, NULL);
     }
+    Py_INCREF(entry); /* an injected clock runs Python code, which may drop it from the map */
+    PyObject *result = NULL;
     if (PyTuple_CheckExact(entry) && PyTuple_GET_SIZE(entry) == 5) {
         Py_ssize_t word = PyLong_AsSsize_t(PyTuple_GET_ITEM(entry, 1));
         unsigned long long check = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(entry, 2));
         PyObject *exp = PyTuple_GET_ITEM(entry, 3);
         double expires = PyFloat_CheckExact(exp) ? PyFloat_AS_DOUBLE(exp) : PyFloat_AsDouble(exp);
         if (PyErr_Occurred())
-            return NULL;
+            goto out;
         if (word >= 0 && (uint64_t)word < c->nwords && ld(c, (uint64_t)word) == check) {
             double now;
             if (now_seconds(c, &now) < 0)
-                return NULL;
-            if (now < expires) {
+                goto out;
+            if (now < expires && !c->closed) {
                 c->hits++;
-                return Py_NewRef(PyTuple_GET_ITEM(entry, 0));
+                result = Py_NewRef(PyTuple_GET_ITEM(entry, 0));
+                goto out;
             }
         }
     }
-    return get_slow(c, token, entry);
+    result = get_slow(c, token, entry);
+out:
+    Py_DECREF(entry);
+    return result;
 }
 
 /* ---- set (cache.py: set; local.py: _encode) --------------------------------------- */
@@ -1313,8 +1319,10 @@ static PyObject *Core_set(Core *c, PyObject *const *args, Py_ssize_t nargs, PyOb
     if (set_args(args, nargs, kwnames, a) < 0)
         return NULL;
     PyObject *token = a[0], *session = a[1], *user_id = a[3];
-    if (c->owner == NULL) /* cleared by the garbage collector */
-        return enter(c) < 0 ? NULL : NULL;
+    if (c->owner == NULL) { /* cleared by the garbage collector */
+        enter(c); /* raises CacheClosed */
+        return NULL;
+    }
     if (!PyUnicode_Check(token))
         return invalid_type(c, "token", token);
     if (PyUnicode_GET_LENGTH(token) == 0) {
@@ -1420,8 +1428,10 @@ static PyObject *Core_invalidate(Core *c, PyObject *token)
 {
     if (!PyUnicode_Check(token))
         return invalid_type(c, "token", token);
-    if (c->closed) /* close() emptied the map already */
-        return enter(c) < 0 ? NULL : NULL;
+    if (c->closed) { /* close() emptied the map already */
+        enter(c); /* raises CacheClosed */
+        return NULL;
+    }
     if (discard(c->local, token) < 0)
         return NULL;
     if (enter(c) < 0)

@@ -31,6 +31,7 @@ table already holds (another object set it) keeps that object's copy valid.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from unittest import mock
 
@@ -49,6 +50,7 @@ from hypothesis.stateful import (
 
 from shmcache import PickleCodec, SharedMemorySessionCache
 from shmcache.shm import construct as shm_construct
+from shmcache.shm import fast
 
 START_MS = 1_000_000
 SMALL = 8  # capacity of the small table: fewer slots than the pool has storable tokens
@@ -85,6 +87,7 @@ class CacheModel(RuleBasedStateMachine):
     capacity: int
     value_size: int
     may_evict: bool
+    b_pure: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -97,7 +100,10 @@ class CacheModel(RuleBasedStateMachine):
                 self.make_name(), capacity=self.capacity, value_size=self.value_size,
                 clock=self.clock,
             )
-        self.b = SharedMemorySessionCache.attach(self.a.name, clock=self.clock)
+        # b_pure: b runs the pure-Python code whatever a runs (issue 15: the two
+        # implementations against one model, on one segment).
+        with mock.patch.dict(os.environ, {fast.ENV: "1"} if self.b_pure else {}):
+            self.b = SharedMemorySessionCache.attach(self.a.name, clock=self.clock)
         # token -> (session, expiry_ms, objects that may see it, user as str() or None)
         self.model: dict[str, tuple[tuple[str, int], int, str, str | None]] = {}
         self.serial = 0
@@ -303,10 +309,12 @@ class CacheModel(RuleBasedStateMachine):
             assert stats["entries"] <= stats["slots"]
 
 
-def _run(make_name: Callable[[], str], capacity: int, value_size: int, examples: int) -> None:
+def _run(make_name: Callable[[], str], capacity: int, value_size: int, examples: int,
+         b_pure: bool = False) -> None:
     class Machine(CacheModel):
         pass
 
+    Machine.b_pure = b_pure
     Machine.make_name = staticmethod(make_name)  # type: ignore[assignment]
     Machine.capacity = capacity
     Machine.value_size = value_size
@@ -320,6 +328,15 @@ def _run(make_name: Callable[[], str], capacity: int, value_size: int, examples:
 @pytest.mark.parametrize("value_size", [0, 256], ids=["hash", "value"])
 def test_small_table_against_model(make_name: Callable[[], str], value_size: int) -> None:
     _run(make_name, capacity=SMALL, value_size=value_size, examples=80)
+
+
+@pytest.mark.parametrize("value_size", [0, 256], ids=["hash", "value"])
+def test_small_table_against_model_with_b_in_pure_python(
+    make_name: Callable[[], str], value_size: int
+) -> None:
+    """The same model with ``b`` forced to pure Python: with the compiled core built, ``a``
+    runs it, so every rule mixes the two implementations on one segment (issue 15)."""
+    _run(make_name, capacity=SMALL, value_size=value_size, examples=60, b_pure=True)
 
 
 @pytest.mark.parametrize("value_size", [0, 256], ids=["hash", "value"])
