@@ -39,7 +39,7 @@ class Config:
     app_caches: tuple[str, ...] = ("inmemory", "shm", "shm-256", "shm-512", "redis")
     app_dependencies: tuple[str, ...] = ("sync", "async")
     # callgrind instruction counts (issue 15): calls per operation; 0: skipped
-    instruction_calls: int = 2000
+    instruction_calls: int = 1000
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,7 +69,7 @@ QUICK = Config(
     # No real app: its figures need rounds as long as the cache TTL (10 s), and ten
     # servers; `--quick --only app --app-seconds S` runs it anyway.
     app_seconds=0.0,
-    instruction_calls=300,
+    instruction_calls=0,  # valgrind alone would take the minute: `python -m bench.instructions`
 )
 
 # For tests/test_bench.py: every section's machinery, one backend pair, a few hundred calls.

@@ -12,6 +12,8 @@ Layers, bottom up (each module's docstring says what it may import):
 - ``counters``: per-process hit/miss records kept in the segment.
 - ``cache``: ``SharedMemorySessionCache``, the ``SessionCache`` protocol on top of them all.
 - ``admin``: the administrator's side of the cache (stats, check, purge, lock recovery).
+- ``fast`` and ``_fast.c``: the optional compiled core of the cache's hot paths and of the
+  lock, over the same layout and lock protocol; ``fast`` says which one an object uses.
 
 The public names are re-exported by ``shmcache``; import them from there.
 """

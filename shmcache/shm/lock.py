@@ -26,6 +26,9 @@ handler can surface at any call boundary::
 ``release`` is harmless when this thread holds nothing, so the ``finally`` needs no flag
 (setting one would itself be a statement a signal could fall before).
 
+The compiled core (``_fast.c``) follows the same protocol on the same mutex (its
+``acquire`` mirrors this one), so writers of both kinds exclude each other.
+
 Imports: the OS-level ``mutex`` and ``layout`` (header word indexes); nothing of sessions.
 """
 
