@@ -20,7 +20,7 @@ WHY_MISSED = {
     "set vs InMemorySessionCache.set":
         "a set pickles the session (its value, or in hash-only mode its fingerprint, so that"
         " an equal set elsewhere keeps other processes' copies): pickle.dumps alone is about"
-        " 6,000 instructions, 2.7x the seed's whole set, which stores the object; the"
+        " 8,000 instructions, 3.7x the seed's whole set, which stores the object; the"
         " compiled core's locked write adds keyed hashes through the xxhash module. Sets run"
         " once per login or cache miss, gets on every request",
     "compiled core: get (hit) vs the seed's get":
@@ -35,8 +35,8 @@ WHY_MISSED = {
         " set that may follow (about 1,200: a tuple in a per-thread dict); the seed's miss is"
         " one dict lookup. A vendored xxh3 and leases kept in C would remove most of both",
     "compiled core: set vs the seed's set":
-        "pickle.dumps of the session (value, or fingerprint in hash-only mode) is about 6,000"
-        " of the set's 13,000 instructions, 2.7x the seed's whole set; three keyed hashes"
+        "pickle.dumps of the session (value, or fingerprint in hash-only mode) is about 8,000"
+        " of the set's 14,000 instructions, 3.7x the seed's whole set; three keyed hashes"
         " through the xxhash module cost about 700 each (xxh3 itself about 150), and the"
         " per-process copy is remembered: only a set that stores no encoding could meet it",
     "compiled core: invalidate vs the seed's invalidate":
@@ -46,9 +46,10 @@ WHY_MISSED = {
         " one dict key. A vendored xxh3 would bring it near 2x",
     "compiled core: first read of a ~200-byte session set by another process, vs the "
     "seed's get":
-        "decoding is the codec's: pickle.loads of a 200-byte session is about 8,000"
-        " instructions, 6x the seed's whole get, before any table work (hash, probe, the"
-        " checked copy of the slot: about 2,500); a cheaper codec is the only way there",
+        "decoding is the codec's: pickle.loads of a 200-byte session is about 9,700 of the"
+        " read's 13,000 instructions, 7x the seed's whole get; the table's own work (hash,"
+        " probe, the checked copy of the slot, remembering the object) is about 3,500: only"
+        " a cheaper codec gets there",
     "throughput, 2 processes vs 1 (2 cores)":
         "two processes have two cores only when nothing else runs on this shared VM: the"
         " empty loop and the in-memory cache beside the figures are that run's ceiling; and"
