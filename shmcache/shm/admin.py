@@ -178,8 +178,8 @@ class SegmentAdmin:
         return self._lock.recover_if_abandoned()
 
     def unlink(self) -> None:
-        """Remove the segment's name (processes attached keep working until they close;
-        nobody new can attach)."""
+        """Remove the segment's name, and a semaphore an older shmcache left beside it
+        (processes attached keep working until they close; nobody new can attach)."""
         self._segment.unlink()
 
     # The keeper is the process whose exit removes the name: the creator, until another
