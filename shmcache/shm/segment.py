@@ -86,13 +86,14 @@ class Segment:
         but only while it still names *this* segment: after a binary upgrade a new master may
         own a fresh segment under the same name."""
         try:
-            ours = os.stat(segment_path(self.name)).st_ino == self.inode
+            st = os.stat(segment_path(self.name))  # by name: callable after close()
         except FileNotFoundError:
             return  # gone already
-        except OSError:
-            ours = True  # no /dev/shm to look at (not Linux): trust the name
-        if ours:
-            unlink_name(self.name, os.fstat(self.fd).st_uid)
+        except OSError:  # no /dev/shm to look at (not Linux): trust the name
+            unlink_name(self.name, os.geteuid())
+            return
+        if st.st_ino == self.inode:
+            unlink_name(self.name, st.st_uid)
 
 
 def unlink_name(name: str, owner: int) -> bool:

@@ -80,11 +80,18 @@ def test_unlink_removes_an_old_semaphore_with_the_segment(
     assert not os.path.lexists(seg(segment_name)) and not os.path.lexists(sem(segment_name))
 
 
-def test_the_keepers_unlink_removes_an_old_semaphore(segment_name: str) -> None:
-    """What gunicorn's ``on_exit`` calls: the name goes, and an old semaphore with it."""
+@pytest.mark.parametrize("closed", [False, True], ids=["open", "closed"])
+def test_the_keepers_unlink_removes_an_old_semaphore(segment_name: str, closed: bool) -> None:
+    """What gunicorn's ``on_exit`` calls (``unlink_if_keeper``), and ``unlink`` after
+    ``close``: the name goes, and an old semaphore with it."""
     old_semaphore(segment_name)
-    with SharedMemorySessionCache.create(segment_name, capacity=16) as cache:
+    cache = SharedMemorySessionCache.create(segment_name, capacity=16)
+    if closed:
+        cache.close()
+        cache.unlink()
+    else:
         assert cache.unlink_if_keeper()
+        cache.close()
     assert not os.path.lexists(seg(segment_name)) and not os.path.lexists(sem(segment_name))
 
 
