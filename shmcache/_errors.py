@@ -21,11 +21,11 @@ class InvalidType(ShmCacheError, TypeError):
 
 
 class SegmentExists(ShmCacheError, FileExistsError):
-    """``create`` found the segment's or the semaphore's name already taken."""
+    """``create`` found the segment's name already taken."""
 
 
 class SegmentNotFound(ShmCacheError, FileNotFoundError):
-    """``attach`` found no segment (or no semaphore) by that name."""
+    """``attach`` found no segment by that name."""
 
 
 class SegmentPermissionError(ShmCacheError, PermissionError):
