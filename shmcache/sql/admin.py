@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Any
 
-from .._errors import CacheUnavailable, InvalidArgument
+from .._errors import CacheUnavailable, InvalidArgument, SecretMismatch
 from .cache import DatabaseSessionCache
 from .urls import OPENERS, dialect_of, redact
 
@@ -58,9 +58,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         with open_url(url) as cache:
             return _COMMANDS[args.command](cache, args, shown)
-    except InvalidArgument as exc:
+    except (InvalidArgument, SecretMismatch) as exc:
         if "secret" in str(exc) and not os.environ.get(SECRET_ENV):
-            raise InvalidArgument(f"{exc} (the command reads it from ${SECRET_ENV})") from None
+            raise type(exc)(f"{exc} (the command reads it from ${SECRET_ENV})") from None
         raise
 
 

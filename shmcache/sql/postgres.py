@@ -21,7 +21,10 @@ tokens or sessions. psycopg 3 and psycopg_pool are an optional extra
   A pooled connection that the server closed (a restart) fails once and is replaced: the
   call is retried once on a fresh connection.
 - The clock: the server's ``statement_timestamp()`` in ms (one clock for every host),
-  unless the cache was given ``clock=``.
+  unless the cache was given ``clock=``. Lease stamps always use the server's clock.
+- Leases: a set after a miss and every logout run as one call of a PL/pgSQL function
+  (``pg_leases.py`` says why a plain statement is not enough); ``{t}_stamps`` is
+  UNLOGGED with the sessions (a crash empties both, and voids every lease).
 """
 
 from __future__ import annotations
@@ -33,8 +36,19 @@ from types import ModuleType
 from typing import Any
 
 from .._errors import InvalidArgument, InvalidType
+from . import pg_leases
 from .listener import Listener
-from .store import _INHERITED, LocalPool, SqlStore, StaleFingerprint
+from .store import (
+    _INHERITED,
+    DROPS,
+    FLOOR,
+    HASH_BYTES,
+    HEAD,
+    LocalPool,
+    Row,
+    SqlStore,
+    StaleFingerprint,
+)
 
 NOW = ("COALESCE(%(now)s::bigint, "
        "floor(extract(epoch FROM statement_timestamp()) * 1000)::bigint)")
@@ -96,6 +110,8 @@ class PostgresStore(SqlStore):
         self._pool_timeout: type[Exception] = Exception  # psycopg_pool.PoolTimeout, once imported
         self._connect_error: BaseException | None = None
         self._local: LocalPool[Any] | None = None
+        self._set_fn = f"{table}_set_{pg_leases.VERSION}"
+        self._void_fn = f"{table}_void_{pg_leases.VERSION}"
 
     # -- connections ---------------------------------------------------------------------
 
@@ -230,8 +246,10 @@ class PostgresStore(SqlStore):
         t = self.table
         kind = "UNLOGGED TABLE" if self.unlogged else "TABLE"
         found = conn.execute(
-            "SELECT to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL",
-            (t, self.meta),
+            "SELECT to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL "
+            "AND to_regclass(%s) IS NOT NULL AND to_regproc(%s) IS NOT NULL "
+            "AND to_regproc(%s) IS NOT NULL",
+            (t, self.meta, self.stamps, self._set_fn, self._void_fn),
         ).fetchone()
         if found[0]:
             return  # no DDL, so no lock: a process starting while the table is busy starts
@@ -251,9 +269,17 @@ class PostgresStore(SqlStore):
                 f"CREATE TABLE IF NOT EXISTS {self.meta} (id integer PRIMARY KEY "
                 "CHECK (id = 1), secret bytea, fingerprint bytea NOT NULL)"
             )
+            conn.execute(
+                f"CREATE {kind} IF NOT EXISTS {self.stamps} (key bytea PRIMARY KEY, "
+                "stamp bigint NOT NULL)"
+            )
+            conn.execute(pg_leases.restart_stamps(self.stamps))
+            conn.execute(pg_leases.set_function(t, self.meta, self.stamps))
+            conn.execute(pg_leases.void_function(t, self.meta, self.stamps))
 
     def is_missing_table(self, exc: BaseException) -> bool:
-        return isinstance(exc, self._psycopg.errors.UndefinedTable)
+        errors = self._psycopg.errors
+        return isinstance(exc, (errors.UndefinedTable, errors.UndefinedFunction))
 
     def read_meta(self) -> tuple[bytes | None, bytes] | None:
         sql = f"SELECT secret, fingerprint FROM {self.meta} WHERE id = 1"
@@ -275,23 +301,34 @@ class PostgresStore(SqlStore):
 
     # -- sessions ------------------------------------------------------------------------
 
-    def lookup(
-        self, key: bytes, fp: bytes, now: int | None
-    ) -> tuple[bytes, bytes | None, int] | None:
+    def lookup(self, key: bytes, fp: bytes, now: int | None) -> tuple[Row | None, int | None]:
         sql = (
-            f"SELECT m.fingerprint, s.value, s.owner, s.expires - {NOW} FROM {self.meta} m "
-            f"LEFT JOIN {self.table} s ON s.key = %(key)s AND s.expires > {NOW} "
-            "WHERE m.id = 1"
+            f"SELECT m.fingerprint, s.value, s.owner, s.expires - {NOW}, "
+            f"(SELECT h.stamp FROM {self.stamps} h, {self.stamps} f "
+            "WHERE h.key = %(head)s AND f.key = %(floor)s) "
+            f"FROM {self.meta} m LEFT JOIN {self.table} s ON s.key = %(key)s "
+            f"AND s.expires > {NOW} WHERE m.id = 1"
         )
-        row = self.run(lambda conn: conn.execute(sql, {"key": key, "now": now}).fetchone())
+        params = {"key": key, "now": now, "head": HEAD, "floor": FLOOR}
+        row = self.run(lambda conn: conn.execute(sql, params).fetchone())
         if row is None or row[0] != fp:
             raise StaleFingerprint
-        return None if row[1] is None else (row[1], row[2], row[3])
+        return (None if row[1] is None else (row[1], row[2], row[3])), row[4]
 
     def store(
         self, key: bytes, owner: bytes | None, value: bytes, ttl_ms: int, fp: bytes,
-        now: int | None,
-    ) -> None:
+        now: int | None, lease: int | None = None,
+    ) -> bool:
+        params = {"key": key, "owner": owner, "ttl": ttl_ms, "value": value, "fp": fp,
+                  "now": now, "lease": lease, "channel": self.channel}
+        if lease is not None:
+            sql = (f"SELECT {self._set_fn}(%(key)s::bytea, %(owner)s::bytea, "
+                   "%(value)s::bytea, %(ttl)s::bigint, %(fp)s::bytea, %(now)s::bigint, "
+                   "%(lease)s::bigint, %(channel)s::text)")
+            (done,) = self.run(lambda conn: conn.execute(sql, params).fetchone())
+            if done < 0:
+                raise StaleFingerprint
+            return bool(done)
         sql = (
             f"INSERT INTO {self.table} (key, owner, expires, value) "
             f"SELECT %(key)s, %(owner)s, {NOW} + %(ttl)s, %(value)s FROM {self.meta} "
@@ -299,28 +336,42 @@ class PostgresStore(SqlStore):
             "ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, "
             "expires = excluded.expires, value = excluded.value RETURNING 1"
         )
-        params = {"key": key, "owner": owner, "ttl": ttl_ms, "value": value, "fp": fp,
-                  "now": now}
         if self.run(lambda conn: conn.execute(sql, params).fetchone()) is None:
             raise StaleFingerprint
+        return True
 
-    def _delete_and_notify(
-        self, where: str, params: dict[str, Any], now: int | None, admin: bool = False
-    ) -> int:
-        """``DELETE ... WHERE {where}`` and ``pg_notify`` in one statement, both only if
-        the meta row holds ``params["fp"]``; returns how many deleted rows were live."""
-        # No FOR SHARE on the meta row: if the secret is replaced while this runs, every
-        # row under the old one is unreachable anyway, deleted or not.
+    def drop(self, key: bytes, fp: bytes) -> None:
         sql = (
             f"WITH m AS (SELECT fingerprint FROM {self.meta} WHERE id = 1), "
-            f"d AS (DELETE FROM {self.table} WHERE {where} "
-            "AND (SELECT fingerprint FROM m) = %(fp)s RETURNING expires) "
+            f"d AS (DELETE FROM {self.table} WHERE key = %(key)s "
+            "AND (SELECT fingerprint FROM m) = %(fp)s RETURNING 1), "
+            f"c AS (UPDATE {self.stamps} SET stamp = stamp + 1 WHERE key = %(drops)s "
+            "AND (SELECT fingerprint FROM m) = %(fp)s) "
             "SELECT (SELECT fingerprint FROM m), "
-            f"(SELECT count(*) FROM d WHERE expires > {NOW}), "
-            "(SELECT pg_notify(%(channel)s, %(message)s)::text FROM m "
-            "WHERE fingerprint = %(fp)s)"
+            "(SELECT pg_notify(%(channel)s, %(message)s)::text FROM d LIMIT 1)"
         )
-        params = {**params, "channel": self.channel, "now": now}
+        params = {"key": key, "fp": fp, "drops": DROPS, "channel": self.channel,
+                  "message": "i:" + key.hex()}
+        if self.run(lambda conn: conn.execute(sql, params).fetchone())[0] != fp:
+            raise StaleFingerprint
+
+    def restart_stamps(self) -> None:
+        sql = pg_leases.restart_stamps(self.stamps)
+        self.run(lambda conn: conn.execute(sql))
+
+    def _void(
+        self, key: bytes | None, owner: bytes | None, fp: bytes, now: int | None,
+        message: str, admin: bool = False,
+    ) -> int:
+        """Delete the rows of ``key``, of ``owner`` or (neither) all, stamp them, and
+        ``pg_notify``, in one call of ``{t}_void_v1``, only if the meta row holds ``fp``;
+        returns how many deleted rows were live."""
+        # No FOR SHARE on the meta row: if the secret is replaced while this runs, every
+        # row under the old one is unreachable anyway, deleted or not.
+        sql = (f"SELECT * FROM {self._void_fn}(%(key)s::bytea, %(owner)s::bytea, "
+               "%(fp)s::bytea, %(now)s::bigint, %(channel)s::text, %(message)s::text)")
+        params = {"key": key, "owner": owner, "fp": fp, "now": now,
+                  "channel": self.channel, "message": message}
 
         def op(conn: Any) -> Any:
             if not admin:
@@ -328,23 +379,24 @@ class PostgresStore(SqlStore):
             with self._admin(conn):
                 return conn.execute(sql, params).fetchone()
 
-        row = self.run(op)
-        if row[0] != params["fp"]:
+        found, live = self.run(op)
+        if found != fp:
             raise StaleFingerprint
-        return int(row[1])
+        return int(live)
 
     def remove(self, key: bytes, fp: bytes, message: str) -> None:
-        self._delete_and_notify(
-            "key = %(key)s", {"key": key, "fp": fp, "message": message}, None
-        )
+        self._void(key, None, fp, None, message)
 
     def revoke(self, owner: bytes, fp: bytes, now: int | None, message: str) -> int:
-        return self._delete_and_notify(
-            "owner = %(owner)s", {"owner": owner, "fp": fp, "message": message}, now
-        )
+        return self._void(None, owner, fp, now, message)
 
     def clear(self, fp: bytes, message: str) -> None:
-        self._delete_and_notify("TRUE", {"fp": fp, "message": message}, None, admin=True)
+        self._void(None, None, fp, None, message, admin=True)
+
+    def reclaim_stamps(self, age_ms: int) -> int:
+        sql = pg_leases.reclaim_stamps(self.stamps)
+        return int(self.run(lambda conn: conn.execute(sql, {"age": age_ms * 1000})
+                            .fetchone()[0]))
 
     def purge(self, now: int | None, limit: int | None = None) -> int:
         t = self.table
@@ -375,16 +427,19 @@ class PostgresStore(SqlStore):
             f"count(*) FILTER (WHERE expires <= {NOW}), "
             f"count(DISTINCT owner) FILTER (WHERE expires > {NOW}), "
             "(SELECT relpersistence = 'u' FROM pg_class WHERE oid = to_regclass(%(t)s)), "
-            f"current_setting('server_version') FROM {self.table}"
+            f"current_setting('server_version'), "
+            f"(SELECT count(*) FROM {self.stamps} WHERE length(key) = {HASH_BYTES}), "
+            f"(SELECT stamp FROM {self.stamps} WHERE key = %(drops)s) FROM {self.table}"
         )
 
         def op(conn: Any) -> Any:
             with self._admin(conn):
-                return conn.execute(sql, {"now": now, "t": self.table}).fetchone()
+                return conn.execute(sql, {"now": now, "t": self.table, "drops": DROPS}
+                                    ).fetchone()
 
-        live, expired, users, unlogged, version = self.run(op)
+        live, expired, users, unlogged, version, stamps, drops = self.run(op)
         return {"entries": live, "expired": expired, "users": users, "unlogged": unlogged,
-                "server_version": version}
+                "server_version": version, "stamps": stamps, "lease_drops": drops or 0}
 
     def rows(self, batch: int = 1000) -> Iterator[tuple[bytes, bytes | None, bytes]]:
         sql = (f"SELECT key, owner, value FROM {self.table} WHERE key > %s "

@@ -163,9 +163,10 @@ def test_admin_errors(db_url: str, tmp_path: Any) -> None:
 def test_admin_with_a_given_secret(db_url: str, opened: Callable[..., Any]) -> None:
     cache = opened(db_url, secret=SECRET)
     cache.set(TOKEN, "s", 600, user_id=7)
-    assert "SHMCACHE_SECRET" in one_line_error(shmcache("revoke-user", db_url, "7"))
-    wrong = shmcache("revoke-user", db_url, "7", env={"SHMCACHE_SECRET": "x" * 32})
-    assert "secret" in one_line_error(wrong)
+    missing = one_line_error(shmcache("revoke-user", db_url, "7"))
+    assert "secret" in missing and "SHMCACHE_SECRET" in missing
+    wrong = one_line_error(shmcache("revoke-user", db_url, "7", env={"SHMCACHE_SECRET": "x" * 32}))
+    assert "another fingerprint" in wrong and repr(cache.table) in wrong and "x" * 32 not in wrong
     assert cache.get(TOKEN) == "s"
     done = shmcache("revoke-user", db_url, "7", env={"SHMCACHE_SECRET": SECRET})
     assert done.returncode == 0 and "dropped 1" in done.stdout
