@@ -23,6 +23,8 @@ from .._protocol import UserIdOf
 from .._remote import Found, Listener, RemoteSessionCache
 from ..codecs import Codec, JsonCodec, PickleCodec
 from .store import StaleFingerprint
+from .upkeep import RECLAIM_EVERY as RECLAIM_EVERY  # (tests count sets by it)
+from .upkeep import DatabaseUpkeep
 from .urls import make_store
 from .values import Secret, derive, fingerprint, keyed, open_value, seal
 
@@ -30,11 +32,9 @@ Clock = Callable[[], float]
 T = TypeVar("T")
 
 _SECRET_TRIES = 3  # the meta row replaced twice during one call: someone keeps deleting it
-RECLAIM_EVERY = 128  # sets between two reclaims of expired rows, per process
-RECLAIM_BATCH = 256  # expired rows deleted per reclaim: twice what the sets in between add
 
 
-class DatabaseSessionCache(RemoteSessionCache):
+class DatabaseSessionCache(RemoteSessionCache, DatabaseUpkeep):
     """A ``SessionCache`` on a SQL table that every process (SQLite: of one host;
     PostgreSQL: of every host) shares: a logout in one is a miss in all, at once.
 
@@ -267,64 +267,6 @@ class DatabaseSessionCache(RemoteSessionCache):
     def unavailable_errors(self) -> tuple[type[BaseException], ...]:
         return self._store.errors
 
-    # -- administration ------------------------------------------------------------------
-
-    def purge(self) -> int:
-        """Delete expired rows now, and rows that fail their MAC (damaged, written without
-        the secret, or under a secret no longer in use); returns how many. Writes also
-        reclaim expired rows as they go (a batch every ``RECLAIM_EVERY`` sets)."""
-        self._ensure_open()
-        expired = self._call("purge", lambda: self._store.purge(self._now()))
-        self._call("purge", lambda: self._store.reclaim_stamps(self._stamp_age_ms))
-        damaged = self._damaged()
-        removed = self._call("purge", lambda: self._store.delete_keys(damaged)) if damaged else 0
-        return int(expired) + int(removed)
-
-    def check(self) -> list[str]:
-        """Integrity problems, ``[]`` when whole: the secret, the database's own check
-        (SQLite), file permissions, and every row's format and MAC."""
-        self._ensure_open()
-        try:
-            self._current("check")
-        except SecretMismatch as exc:
-            return [str(exc)]
-        problems = self._call(
-            "check", lambda: self._store.problems(shared_secret=self._fixed is None)
-        )
-        damaged = self._damaged()
-        if damaged:
-            problems.append(
-                f"{len(damaged)} rows fail their format or MAC check (damaged, written "
-                "without the secret, or under an older one): misses for every client; "
-                "purge() removes them"
-            )
-        return list(problems)
-
-    def stats(self) -> dict[str, Any]:
-        """This process's counters, and the table's figures (``entries``, ``expired``,
-        ``users``; ``error`` instead if the database could not be reached)."""
-        self._ensure_open()
-        out: dict[str, Any] = {
-            "backend": "database",
-            "dialect": self._store.dialect,
-            "database": self._store.describe(),
-            "table": self._store.table,
-            "hits": self._hits,
-            "misses": self._misses,
-            "unavailable": self._unavailable,
-            "decode_errors": self._decode_errors,
-            "reclaimed": self._reclaimed,
-            "process_lease_drops": self._lease_drops,
-            "lease_timeout": self._lease_timeout,
-            "fail_open": self._fail_open,
-            "shared_secret": self._fixed is None,
-        }
-        try:
-            out.update(self._call("stats", lambda: self._store.counts(self._now())))
-        except CacheUnavailable as exc:
-            out["error"] = str(exc)
-        return out
-
     def close(self) -> None:
         """Close this process's connections (and the pool); later calls raise
         ``CacheClosed``."""
@@ -443,23 +385,3 @@ class DatabaseSessionCache(RemoteSessionCache):
         except Exception:  # a codec that cannot read it: a miss, as in the shared table
             self._decode_errors += 1
             return None
-
-    def _damaged(self) -> list[bytes]:
-        secret = self._current("check")[0]
-
-        def scan() -> list[bytes]:
-            table = self._store.table
-            return [key for key, owner, value in self._store.rows()
-                    if open_value(secret, table, key, owner, value) is None]
-
-        return self._call("check", scan)
-
-    def _reclaim(self) -> None:
-        # A failure is counted; the set itself succeeded, and the next reclaim tries again.
-        with contextlib.suppress(CacheUnavailable):
-            self._reclaimed += self._call(
-                "reclaim", lambda: self._store.purge(self._now(), RECLAIM_BATCH)
-            )
-            # Stamps older than a lease can be are of no use to any lease of this
-            # timeout (a client with a longer one may see a false drop: allowed).
-            self._call("reclaim", lambda: self._store.reclaim_stamps(self._stamp_age_ms))

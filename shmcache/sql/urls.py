@@ -105,7 +105,8 @@ def make_store(
 
         path = None if url is None else sqlite_path(url)
         return SqliteStore(table, timeout, path=path, connect=connect)
-    from .postgres import PostgresStore, conninfo_params
+    from .pg_connections import conninfo_params
+    from .postgres import PostgresStore
 
     if url is not None:
         conninfo_params(_hint(url))

@@ -317,10 +317,12 @@ def test_postgres_table_is_unlogged_unless_asked(pg_server: PostgresServer, pg_t
         with DatabaseSessionCache(pg_server.url(), table=table, unlogged=unlogged) as cache:
             cache.set("tok", "s", 60)
         kinds = dict(pg_server.sql(
-            "SELECT relname, relpersistence FROM pg_class WHERE relname IN (%s, %s)",
-            (table, table + "_meta"),
+            "SELECT relname, relpersistence FROM pg_class WHERE relname IN (%s, %s, %s)",
+            (table, table + "_meta", table + "_stamps"),
         ))
-        assert kinds == {table: persistence, table + "_meta": "p"}  # the secret is logged
+        assert kinds == {  # the secret is logged; the leases' stamps go with the sessions
+            table: persistence, table + "_meta": "p", table + "_stamps": persistence,
+        }
 
 
 def test_connect_callable(url: str, pg_table: str, clock: Any) -> None:
