@@ -77,6 +77,8 @@ def _stats(cache: DatabaseSessionCache, args: argparse.Namespace, shown: str) ->
         ("entries", f"{stats['entries']} live, {stats['expired']} expired "
                     "(reclaimed as sessions are written, or by `shmcache purge`)"),
         ("users", f"{stats['users']} with live sessions"),
+        ("leases", f"{stats['lease_drops']} sets refused (a logout came after their miss), "
+                   f"{stats['stamps']} logout stamps kept"),
         ("secret", "shared, kept in the database" if stats["shared_secret"]
          else "given to each client (secret=)"),
     ]

@@ -120,11 +120,17 @@ def test_admin_commands(db_url: str, opened: Callable[..., Any]) -> None:
     cache = opened(db_url)
     cache.set(TOKEN, {"user": "alice", "secret": "payload-xyz"}, 600, user_id=7)
     cache.set("other", {"user": "bob"}, 600, user_id=8)
+    assert cache.get("raced") is None
+    cache.invalidate("gone")
+    shmcache("revoke-user", db_url, "nobody")  # (another process)
+    cache.set("raced", {"user": "carol"}, 600, user_id="nobody")  # refused: a lease drop
     human = shmcache("stats", db_url)
     assert human.returncode == 0, human.stderr
     assert "2 live" in human.stdout and cache.table in human.stdout
+    assert "1 sets refused" in human.stdout and "2 logout stamps" in human.stdout
     data = json.loads(shmcache("stats", db_url, "--json").stdout)
     assert (data["entries"], data["expired"], data["users"]) == (2, 0, 2)
+    assert (data["lease_drops"], data["stamps"]) == (1, 2)
     assert shmcache("check", db_url).returncode == 0
     revoked = shmcache("revoke-user", db_url, "7")
     assert revoked.returncode == 0 and "dropped 1 live sessions" in revoked.stdout
