@@ -55,8 +55,9 @@ class DatabaseSessionCache(RemoteSessionCache, DatabaseUpkeep):
     its thread, a lease on the token; that thread's next ``set`` of the token is not stored
     (and any row of the token is deleted) if an ``invalidate`` of it, an
     ``invalidate_by_user`` of the set's user, or a ``clear`` was committed after the miss,
-    in any process, or if the miss is ``lease_timeout`` (10 s) old. A ``set`` with no miss
-    before it is stored as always. Refused sets are counted in ``stats()["lease_drops"]``
+    in any process, or if the miss is ``lease_timeout`` (10 s) old, or if the database did
+    not answer that get (``fail_open``). A ``set`` with no miss before it is stored as
+    always. Refused sets are counted in ``stats()["lease_drops"]``
     (table-wide) and ``["process_lease_drops"]``; see ``store.py`` for how.
 
     The secret of the keyed hashes: ``secret=None`` (default) keeps a random one in

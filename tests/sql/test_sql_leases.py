@@ -169,6 +169,14 @@ def test_lease_timeout_is_an_option_and_a_url_parameter(url: str, pg_table: str)
             DatabaseSessionCache(base, table=pg_table, lease_timeout=bad)
 
 
+def test_lease_timeout_in_a_tiered_url_reaches_the_database_tier(
+    pg_server: PostgresServer, pg_table: str, make_name: Callable[[], str]
+) -> None:
+    url = f"shm+{pg_server.url()}&table={pg_table}&shm={make_name()}&lease_timeout=3"
+    with open_cache(url, subscribe=False) as cache:
+        assert cache.remote.stats()["lease_timeout"] == 3
+
+
 # -- the provoked race ---------------------------------------------------------------------
 
 
@@ -290,6 +298,22 @@ def test_postgres_crash_voids_the_leases_it_lost(own_pg: PostgresServer, pg_tabl
         cache.set("tok", ALICE, 60)
         assert cache.get("tok") is None
         cache.set("tok", ALICE, 60)  # the lease of that get came after: cached
+        assert cache.get("tok") == ALICE
+
+
+def test_a_miss_the_database_did_not_answer_vouches_for_nothing(
+    own_pg: PostgresServer, pg_table: str
+) -> None:
+    """With fail_open a get that could not reach the database is a miss: the set that
+    follows it is dropped (a logout may have landed meanwhile, unseen)."""
+    with DatabaseSessionCache(own_pg.url(), table=pg_table, fail_open=True) as cache:
+        cache.set("warm", 1, 60)  # the tables exist
+        own_pg.stop()
+        assert cache.get("tok") is None and cache.stats()["unavailable"] >= 1
+        own_pg.start()
+        cache.set("tok", ALICE, 60)
+        assert cache.get("tok") is None
+        cache.set("tok", ALICE, 60)  # the lease of a get that was answered: cached
         assert cache.get("tok") == ALICE
 
 
