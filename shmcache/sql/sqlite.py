@@ -13,8 +13,10 @@ tokens or sessions. Uses only the standard library's ``sqlite3``.
   time. Writes that read first (logouts) run in ``BEGIN IMMEDIATE``, so two of them never
   deadlock on a lock upgrade.
 - Durability: ``synchronous=NORMAL`` for sets (a power cut may lose the last ones: those
-  sessions are validated again), ``FULL`` for logouts, so a logout that returned survives
-  a power cut.
+  sessions are validated again), ``FULL`` for logouts that delete a row, so a logout that
+  returned survives a power cut. A logout that finds no row writes only its lease stamp,
+  with ``NORMAL``: a power cut ends every lease with the processes that held them, and
+  an fsync per logout of an uncached token would make every writer wait behind it.
 - The file is created 0600: it holds the shared secret (when ``secret=`` is not given),
   and whoever can read that secret can forge values.
 - The clock: SQLite's own ``julianday('now')`` (the host's wall clock, in ms), unless the
@@ -31,13 +33,18 @@ import os
 import sqlite3
 import stat
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from .._errors import InvalidType
 from .store import DROPS, FLOOR, HASH_BYTES, HEAD, LocalPool, Row, SqlStore, StaleFingerprint
 
 NOW = "COALESCE(:now, CAST(round((julianday('now') - 2440587.5) * 86400000) AS INTEGER))"
+T = TypeVar("T")
 NOW_US = "CAST(round((julianday('now') - 2440587.5) * 86400000000.0) AS INTEGER)"
+
+
+class _NotDurable(Exception):
+    """A logout found a row to delete in a transaction begun without ``FULL``."""
 
 
 def _private_file(path: str) -> None:
@@ -219,23 +226,27 @@ class SqliteStore(SqlStore):
         )
         params = {"key": key, "owner": owner, "ttl": ttl_ms, "value": value, "fp": fp,
                   "now": now, "lease": lease, "floor": FLOOR}
+        # (Not in an explicit transaction: a thread that holds the writers' lock across
+        # statements can lose the GIL between them, and every other writer waits.)
         if self.run(lambda conn: conn.execute(sql, params).rowcount) == 1:
             return True
         if lease is None:
             raise StaleFingerprint
-        self.drop(key, fp)  # or the fingerprint was the reason: then this raises
+        self.drop(key, fp)  # (a refusal stays one: stamps and the floor only rise)
         return False
 
     def drop(self, key: bytes, fp: bytes) -> None:
         def op(conn: sqlite3.Connection) -> None:
             with self._write(conn):
-                self._check_fp(conn, fp)
-                conn.execute(f"DELETE FROM {self.table} WHERE key = ?", (key,))
-                conn.execute(
-                    f"UPDATE {self.stamps} SET stamp = stamp + 1 WHERE key = ?", (DROPS,)
-                )
+                self._drop(conn, key, fp)
 
         self.run(op)
+
+    def _drop(self, conn: sqlite3.Connection, key: bytes, fp: bytes) -> None:
+        """Caller holds the write lock."""
+        self._check_fp(conn, fp)
+        conn.execute(f"DELETE FROM {self.table} WHERE key = ?", (key,))
+        conn.execute(f"UPDATE {self.stamps} SET stamp = stamp + 1 WHERE key = ?", (DROPS,))
 
     def restart_stamps(self) -> None:
         def op(conn: sqlite3.Connection) -> None:
@@ -260,47 +271,46 @@ class SqliteStore(SqlStore):
             (DROPS,),
         )
 
-    def _stamp(self, conn: sqlite3.Connection, key: bytes | None) -> int:
+    def _stamp(self, conn: sqlite3.Connection, key: bytes | None) -> None:
         """A new stamp, above every lease handed out so far, on ``key`` (a key or owner
-        hash; None: the floor, for clear). Caller holds the write lock."""
-        conn.execute(
+        hash; None: the floor, for clear). Caller holds the write lock. Two statements:
+        the lock is held across each (see ``store``)."""
+        cur = conn.execute(
             f"UPDATE {self.stamps} SET stamp = max(stamp + 1, {NOW_US}) WHERE key = ?",
             (HEAD,),
         )
-        self._restart_stamps(conn)  # (nothing to do unless the stamps were lost)
-        (stamp,) = conn.execute(
-            f"SELECT stamp FROM {self.stamps} WHERE key = ?", (HEAD,)
-        ).fetchone()
+        if cur.rowcount != 1:  # the stamps were lost: start again, above every lease
+            self._restart_stamps(conn)
         conn.execute(
-            f"INSERT INTO {self.stamps} (key, stamp) VALUES (?, ?) ON CONFLICT (key) "
-            "DO UPDATE SET stamp = max(stamp, excluded.stamp)",
-            (FLOOR if key is None else key, stamp),
+            f"INSERT INTO {self.stamps} (key, stamp) SELECT ?, stamp FROM {self.stamps} "
+            "WHERE key = ? ON CONFLICT (key) DO UPDATE SET stamp = max(stamp, excluded.stamp)",
+            (FLOOR if key is None else key, HEAD),
         )
-        return int(stamp)
 
     def remove(self, key: bytes, fp: bytes, message: str) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            with self._write(conn, durable=True):
-                self._check_fp(conn, fp)
-                self._stamp(conn, key)
-                conn.execute(f"DELETE FROM {self.table} WHERE key = ?", (key,))
+        def body(conn: sqlite3.Connection) -> tuple[None, int]:
+            self._check_fp(conn, fp)
+            self._stamp(conn, key)
+            cur = conn.execute(f"DELETE FROM {self.table} WHERE key = ?", (key,))
+            return None, cur.rowcount
 
-        self.run(op)
+        exists = f"SELECT 1 FROM {self.table} WHERE key = :key"
+        self.run(lambda conn: self._logout(conn, exists, {"key": key}, body))
 
     def revoke(self, owner: bytes, fp: bytes, now: int | None, message: str) -> int:
-        def op(conn: sqlite3.Connection) -> int:
-            with self._write(conn, durable=True):
-                self._check_fp(conn, fp)
-                (live,) = conn.execute(
-                    f"SELECT count(*) FROM {self.table} WHERE owner = :owner "
-                    f"AND expires > {NOW}",
-                    {"owner": owner, "now": now},
-                ).fetchone()
-                self._stamp(conn, owner)
-                conn.execute(f"DELETE FROM {self.table} WHERE owner = ?", (owner,))
-                return int(live)
+        def body(conn: sqlite3.Connection) -> tuple[int, int]:
+            self._check_fp(conn, fp)
+            (live,) = conn.execute(
+                f"SELECT count(*) FROM {self.table} WHERE owner = :owner "
+                f"AND expires > {NOW}",
+                {"owner": owner, "now": now},
+            ).fetchone()
+            self._stamp(conn, owner)
+            cur = conn.execute(f"DELETE FROM {self.table} WHERE owner = ?", (owner,))
+            return int(live), cur.rowcount
 
-        return self.run(op)
+        exists = f"SELECT 1 FROM {self.table} WHERE owner = :owner LIMIT 1"
+        return int(self.run(lambda conn: self._logout(conn, exists, {"owner": owner}, body)))
 
     def clear(self, fp: bytes, message: str) -> None:
         def op(conn: sqlite3.Connection) -> None:
@@ -313,6 +323,25 @@ class SqliteStore(SqlStore):
                 conn.execute(f"DELETE FROM {self.table}")
 
         self.run(op)
+
+    def _logout(
+        self, conn: sqlite3.Connection, exists: str, params: dict[str, Any],
+        body: Callable[[sqlite3.Connection], tuple[T, int]],
+    ) -> T:
+        """``body`` (returning its result and how many rows it deleted) in one write
+        transaction, durable (``FULL``) if it deletes rows. ``exists`` guesses that
+        beforehand; a row set in between makes the transaction roll back and run again,
+        durable."""
+        durable = conn.execute(exists, params).fetchone() is not None
+        try:
+            with self._write(conn, durable=durable):
+                result, deleted = body(conn)
+                if deleted and not durable:
+                    raise _NotDurable
+            return result
+        except _NotDurable:
+            with self._write(conn, durable=True):
+                return body(conn)[0]
 
     def purge(self, now: int | None, limit: int | None = None) -> int:
         t = self.table

@@ -384,3 +384,50 @@ def test_tiered_postgres_a_logout_on_another_host_keeps_the_set_out(
             assert time.monotonic() < deadline, "no notification"
         assert a.get("tok") is None and b.get("tok") is None
         assert a.remote.stats()["lease_drops"] == 1
+
+
+# -- SQLite: what a logout makes durable ---------------------------------------------------
+
+
+def test_sqlite_only_logouts_that_delete_a_row_wait_for_the_disk(
+    sqlite_file: str, pg_table: str
+) -> None:
+    """A logout of a token with no row writes only its stamp (no fsync: a power cut ends
+    every lease with its process); one that deletes a row commits with synchronous=FULL,
+    even when the row appeared after it looked (it rolls back and runs again)."""
+    import sqlite3
+
+    path = sqlite_file[len("sqlite:///"):]
+    trace: list[str] = []
+    intruder: list[bytes] = []  # a key to insert just before the next BEGIN
+
+    def traced(statement: str) -> None:
+        trace.append(statement.split(" WHERE")[0])
+        if statement.startswith("BEGIN") and intruder:
+            with sqlite3.connect(path) as other:  # another writer, between look and lock
+                other.execute(f"INSERT INTO {pg_table} SELECT ?, NULL, expires, value "
+                              f"FROM {pg_table} LIMIT 1", (intruder.pop(),))
+
+    def connect() -> sqlite3.Connection:
+        conn = sqlite3.connect(path, check_same_thread=False)
+        conn.set_trace_callback(traced)
+        return conn
+
+    with DatabaseSessionCache(connect=connect, dialect="sqlite", table=pg_table) as cache:
+        cache.set("tok", ALICE, 60)
+        cache.set("model", ALICE, 60)
+
+        def logout(token: str) -> list[str]:
+            del trace[:]
+            cache.invalidate(token)
+            return [s for s in trace if s.startswith(("PRAGMA synchronous", "BEGIN",
+                                                      "COMMIT", "ROLLBACK"))]
+
+        normal = ["BEGIN IMMEDIATE", "COMMIT"]
+        full = ["PRAGMA synchronous = FULL", "BEGIN IMMEDIATE", "COMMIT",
+                "PRAGMA synchronous = NORMAL"]
+        assert logout("absent") == normal
+        assert logout("tok") == full and cache.get("tok") is None
+        intruder.append(bytes.fromhex(cache.key_of("late")))
+        assert logout("late") == ["BEGIN IMMEDIATE", "ROLLBACK", *full]
+        assert cache.get("late") is None and cache.stats()["entries"] == 1
