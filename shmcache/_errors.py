@@ -45,9 +45,10 @@ class IncompatibleSegment(ShmCacheError):
 
 
 class SecretMismatch(IncompatibleSegment):
-    """A Redis prefix is already in use with another secret (its stored fingerprint is not
-    this client's): hosts that share a prefix must share the secret, or a logout on one
-    would not reach the others. The message names the prefix, never a secret."""
+    """A Redis prefix (or a database table) is already in use with another secret (its
+    stored fingerprint is not this client's): hosts that share a prefix must share the
+    secret, or a logout on one would not reach the others. The message names the prefix
+    (the table), never a secret."""
 
 
 class SegmentCorrupted(ShmCacheError):

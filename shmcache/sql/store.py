@@ -16,15 +16,37 @@ The table (``{t}`` is ``table=``, default ``shmcache_sessions``)::
                + an index on owner (WHERE owner IS NOT NULL) and one on expires
     {t}_meta   one row (id = 1): the shared secret (NULL when every client is given
                ``secret=``) and a fingerprint of the secret in use
+    {t}_stamps key BYTES PRIMARY KEY, stamp INT64 NOT NULL: the leases' bookkeeping
 
 Every statement that reads or writes sessions also checks the meta row's fingerprint in
 the same statement or transaction, so a client never acts on a key space that the others
 no longer use (the secret was replaced, or the tables were dropped and made again).
 
-Leases (a ``set`` refused when an invalidation of that token landed since the miss that
-led to it) fit this shape: a ``{t}_stamps (key PRIMARY KEY, stamp INT64)`` table written
-in the same statement as each delete, and one more ``NOT EXISTS`` in the ``set``'s
-``INSERT ... SELECT ... WHERE``, which already carries the fingerprint check.
+Leases (issue 11; ``shmcache/_leases.py``): a ``set`` that follows a miss of the same token
+in the same thread is refused if a logout of that token, of the set's user, or a ``clear``
+committed after the miss. The rows of ``{t}_stamps``::
+
+    b"head"        the last stamp handed out: every logout raises it to max(head + 1,
+                   the database's clock in microseconds), in the logout's transaction
+    b"floor"       leases below it are void (raised by clear and by reclaims)
+    b"drops"       how many sets leases refused (for stats)
+    a key hash     the stamp of the last invalidate of that token     (16 bytes each:
+    an owner hash  the stamp of the last invalidate_by_user of a user  keyed BLAKE2b-128)
+
+A ``get`` that misses reads ``head`` in the same statement as the row: that is its lease.
+The leased ``set`` is stored only if ``floor <= lease`` and neither its key's nor its
+owner's stamp is above the lease; otherwise it deletes the token's row instead (no older
+copy is served either) and counts a drop. Stamps are ordered by commit: every logout
+updates ``head`` (SQLite: writers take turns; PostgreSQL: the row lock), so a logout that
+was not committed when the ``get`` read ``head`` stamps above it.
+
+What a missing stamp means: "no logout since the floor". Stamp rows older than the lease
+timeout are reclaimed with expired sessions, and the reclaim raises ``floor`` to the
+newest stamp it deletes in the same transaction, so a lease old enough to have seen a
+deleted stamp is void, never let through. ``clear`` deletes every stamp and raises
+``floor`` to its own. Missing ``head`` or ``floor`` rows (PostgreSQL empties an UNLOGGED
+table after a crash) void every lease: the next ``get`` that notices starts them again
+at the database's clock, above every lease handed out before.
 """
 
 from __future__ import annotations
@@ -43,6 +65,11 @@ MAX_TABLE = 48  # PostgreSQL identifiers end at 63 bytes; "_invalidations" takes
 _TABLE = re.compile(r"[a-z_][a-z0-9_]*\Z")
 C = TypeVar("C")
 T = TypeVar("T")
+
+# The special rows of {t}_stamps (see the module docstring); every other key is 16 bytes.
+HEAD, FLOOR, DROPS = b"head", b"floor", b"drops"
+HASH_BYTES = 16
+Row = tuple[bytes, "bytes | None", int]  # value, owner, ms left
 
 # A forked child must never use (nor close: PQfinish/sqlite3_close would act on the
 # parent's sockets and locks) what it inherited: those objects are parked here for the
@@ -140,6 +167,7 @@ class SqlStore:
     def __init__(self, table: str, timeout: float) -> None:
         self.table = check_table(table)
         self.meta = table + "_meta"
+        self.stamps = table + "_stamps"
         self.channel = table + "_invalidations"
         self.timeout = timeout
         self._schema_ready = False
@@ -195,28 +223,48 @@ class SqlStore:
         under an older secret is orphaned); return the row that is there now."""
         raise NotImplementedError
 
-    def lookup(
-        self, key: bytes, fp: bytes, now: int | None
-    ) -> tuple[bytes, bytes | None, int] | None:
-        """``(value, owner, ms left)`` of the live row of ``key``, or None."""
+    def lookup(self, key: bytes, fp: bytes, now: int | None) -> tuple[Row | None, int | None]:
+        """``(value, owner, ms left)`` of the live row of ``key`` or None, and, read in the
+        same statement, the lease a miss takes: the ``head`` stamp (None if the stamps
+        were lost: ``restart_stamps``)."""
         raise NotImplementedError
 
     def store(
         self, key: bytes, owner: bytes | None, value: bytes, ttl_ms: int, fp: bytes,
-        now: int | None,
-    ) -> None:
+        now: int | None, lease: int | None = None,
+    ) -> bool:
+        """Write the row; with a ``lease``, only if no logout of ``key``, of ``owner``, nor
+        a clear came after it (checked atomically with the write), else delete ``key``'s
+        row and count a drop. True if stored."""
+        raise NotImplementedError
+
+    def drop(self, key: bytes, fp: bytes) -> None:
+        """A set refused before it reached the database (its lease expired): delete
+        ``key``'s row (no older copy is served) and count a drop."""
+        raise NotImplementedError
+
+    def restart_stamps(self) -> None:
+        """Make ``head`` and ``floor`` again if they are missing, both at the database's
+        clock: every lease handed out before is void (its logouts may be lost)."""
         raise NotImplementedError
 
     def remove(self, key: bytes, fp: bytes, message: str) -> None:
-        """Delete ``key`` and send ``message`` (PostgreSQL: NOTIFY) in one transaction."""
+        """Delete ``key``, stamp it, and send ``message`` (PostgreSQL: NOTIFY) in one
+        transaction."""
         raise NotImplementedError
 
     def revoke(self, owner: bytes, fp: bytes, now: int | None, message: str) -> int:
-        """Delete every row of ``owner`` (and send ``message``) in one transaction;
-        returns how many of them were live."""
+        """Delete every row of ``owner``, stamp it (and send ``message``) in one
+        transaction; returns how many of them were live."""
         raise NotImplementedError
 
     def clear(self, fp: bytes, message: str) -> None:
+        """Delete every row and every stamp, and raise ``floor`` to a new stamp."""
+        raise NotImplementedError
+
+    def reclaim_stamps(self, age_ms: int) -> int:
+        """Delete the stamps older than ``age_ms`` (on the database's clock) and raise
+        ``floor`` to the newest of them, in one transaction; returns how many."""
         raise NotImplementedError
 
     def purge(self, now: int | None, limit: int | None = None) -> int:
@@ -227,8 +275,8 @@ class SqlStore:
         raise NotImplementedError
 
     def counts(self, now: int | None) -> dict[str, Any]:
-        """Table-wide figures: live and expired rows, users with live rows, and what the
-        dialect adds."""
+        """Table-wide figures: live and expired rows, users with live rows, stamps and
+        lease drops, and what the dialect adds."""
         raise NotImplementedError
 
     def rows(self, batch: int = 1000) -> Iterator[tuple[bytes, bytes | None, bytes]]:
