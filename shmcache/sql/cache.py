@@ -57,8 +57,8 @@ class DatabaseSessionCache(RemoteSessionCache, DatabaseUpkeep):
     ``invalidate_by_user`` of the set's user, or a ``clear`` was committed after the miss,
     in any process, or if the miss is ``lease_timeout`` (10 s) old, or if the database did
     not answer that get (``fail_open``). A ``set`` with no miss before it is stored as
-    always. Refused sets are counted in ``stats()["lease_drops"]``
-    (table-wide) and ``["process_lease_drops"]``; see ``store.py`` for how.
+    always. Refused sets are counted in ``stats()["lease_drops"]`` (table-wide) and
+    ``["process_lease_drops"]``; ``store.py`` and ``pg_leases.py`` say how.
 
     The secret of the keyed hashes: ``secret=None`` (default) keeps a random one in
     ``{table}_meta``, made by the first client; whoever can read the table can then check

@@ -9,10 +9,10 @@ Why functions, and not one more ``NOT EXISTS`` in the set's statement: under REA
 a statement reads from the snapshot taken when it started. A set whose statement started
 just before a logout committed does not see the logout's stamp, and a logout whose
 statement started just before that set committed does not see the new row: both commit,
-and the logged-out token is a hit again. It takes a logout that waits (for the ``head``
-row, behind another logout, say) with its snapshot already taken. Within a VOLATILE
-function every statement takes a fresh snapshot, so each side takes its lock first and
-reads afterwards:
+and the logged-out token is a hit again. A logout that waits with its snapshot taken
+(for the ``head`` row, behind another logout, say) makes that window as long as the wait
+(``tests/sql/test_sql_leases.py`` provokes it). Within a VOLATILE function every statement
+takes a fresh snapshot, so each side takes its lock first and reads afterwards:
 
 - ``{t}_void_v1`` (invalidate, invalidate_by_user, clear) takes an exclusive advisory lock
   on its token, its user, or "everything" (clear), waiting for it; then deletes, stamps and
@@ -24,9 +24,10 @@ reads afterwards:
 
 Advisory locks are counted in the lock manager, not written to any row. Lock ids: the
 table's class id (CRC-32 of ``shmcache:{t}``, so tables do not share locks) and the first
-4 bytes of the key or owner hash (0: everything); two hashes that share them only make
-a set wait-free refusal or a logout wait a moment longer. The functions are versioned by
-name: a later layout makes ``_v2`` beside them instead of replacing what older clients call.
+4 bytes of the key or owner hash (0: everything); two hashes that share them cost at
+worst a false drop (a set refused while the other's logout runs) or a logout that waits
+for a set to commit. The functions are versioned by name: a later layout makes ``_v2``
+beside them instead of replacing what older clients call.
 """
 
 from __future__ import annotations

@@ -38,7 +38,10 @@ The leased ``set`` is stored only if ``floor <= lease`` and neither its key's no
 owner's stamp is above the lease; otherwise it deletes the token's row instead (no older
 copy is served either) and counts a drop. Stamps are ordered by commit: every logout
 updates ``head`` (SQLite: writers take turns; PostgreSQL: the row lock), so a logout that
-was not committed when the ``get`` read ``head`` stamps above it.
+was not committed when the ``get`` read ``head`` stamps above it. The check and the write
+are one step for every logout: SQLite's writers take turns on the file; on PostgreSQL
+the leased set and the logouts are functions that lock before they read
+(``pg_leases.py`` says why a statement's snapshot is not enough).
 
 What a missing stamp means: "no logout since the floor". Stamp rows older than the lease
 timeout are reclaimed with expired sessions, and the reclaim raises ``floor`` to the
