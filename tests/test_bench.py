@@ -129,13 +129,14 @@ def test_every_missed_target_is_explained_in_one_line(
     from bench import report, targets
 
     names = {t["name"] for t in targets.evaluate(smoke[0])}
-    assert set(targets.WHY_MISSED) <= names  # no explanation of a target that is gone
+    full_only = {"full run time"}  # judged by a full run only, not by this smoke run
+    assert set(targets.WHY_MISSED) <= names | full_only  # none for a target that is gone
     forced = [dict(t, met=False) for t in targets.evaluate(smoke[0])]
     for t in forced:  # whatever a run misses, the generated table says why
         t["why"] = targets.WHY_MISSED.get(t["name"], "")
     rows = report.targets_table(forced)[2]
     explained = {r[0] for r in rows if r[4]}
-    assert explained == set(targets.WHY_MISSED)
+    assert explained == set(targets.WHY_MISSED) - full_only
     assert all("\n" not in why and "|" not in why for why in targets.WHY_MISSED.values())
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     table = readme[readme.index("**Targets (issues 4 and 11)**"):].split("\n\n")[1]
