@@ -23,6 +23,14 @@ sessions and publishes the user's hash (``b"u:<hash>"``) in one transaction, and
 host's subscriber drops that user's local copies (``invalidate_by_user`` on the local tier,
 whose entries are filed under the same hash); a copy that missed the message still dies S
 seconds after the Redis read that made it, and that read began before the revocation.
+
+Leases hold end to end (``shmcache/_leases.py``): they live in the remote. A ``get`` that
+misses on both tiers gives the thread a lease at the remote (no extra round trip: the miss
+carries it); the thread's next ``set`` of the token is refused by the remote if a logout of
+the token, of its user, or a clear came since on any host, and then this host's copy is
+dropped too and nothing is stored locally. The local tier keeps leases of its own on the
+key hashes: a copy read from Redis (a local miss, a remote hit) is not stored locally if
+an invalidation message for it was applied while it was being read.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from . import _args
 from ._closing import ClosesOnExit
 from ._errors import CacheUnavailable, InvalidArgument, InvalidType
 from ._protocol import SessionCache, UserIdOf, UserSessionCache
-from ._remote import RemoteTier
+from ._remote import LeaseDropped, RemoteTier
 from ._subscription import SilentLink, Subscriber, Subscription
 
 Clock = Callable[[], float]
@@ -123,6 +131,7 @@ class TieredSessionCache(ClosesOnExit):
         self._messages = 0
         self._resubscribes = 0
         self._silent_links = 0
+        self._lease_drops = 0
         remote.add_secret_listener(self._secret_changed)
         _instances.add(self)
 
@@ -175,7 +184,9 @@ class TieredSessionCache(ClosesOnExit):
         self, token: str, session: Any, ttl_seconds: float, *, user_id: str | int | None = None
     ) -> None:
         """Write ``session`` to Redis, filed under ``user_id`` (or ``user_id_of(session)``),
-        then to the host's table for at most S seconds."""
+        then to the host's table for at most S seconds. If this thread's last ``get`` of
+        ``token`` missed and a logout of it (or of its user, or a clear) came since, on any
+        host, it is stored in neither tier, and this host's copy is dropped."""
         ttl = _args.check_set_args(token, ttl_seconds)
         if user_id is None and self._user_id_of is not None:
             user_id = self._user_id_of(session)
@@ -184,6 +195,13 @@ class TieredSessionCache(ClosesOnExit):
             self._start_subscriber()
         try:
             key, owner = self._remote.store(token, session, ttl, user)
+        except LeaseDropped as dropped:
+            # The remote deleted its entry; a local copy (another worker's, set before the
+            # logout's message arrived) must not outlive it here.
+            self._lease_drops += 1
+            self._remember(token, dropped.key)
+            self._local.invalidate(dropped.key)
+            return
         except CacheUnavailable:
             if not self._remote.fail_open:
                 raise
@@ -313,6 +331,7 @@ class TieredSessionCache(ClosesOnExit):
             "messages": self._messages,
             "resubscribes": self._resubscribes,
             "silent_links": self._silent_links,
+            "lease_drops": self._lease_drops,
             "subscribed": self.subscribed,
             "local": local_stats() if callable(local_stats) else {},
             "remote": self._remote.stats(),
