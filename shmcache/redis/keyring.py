@@ -74,7 +74,7 @@ class Keyring:
         try:
             secret = self.current("check")
             reply, _ = self._link.run(
-                "check", scripts.CHECK, self._keys.common, self.guard_args(secret)
+                "check", scripts.CHECK, [self._keys.fingerprint], self.guard_args(secret)
             )
             if reply[0] != scripts.OK:
                 self.refused(secret, reply[1])  # a shared secret replaced: checked later
@@ -97,7 +97,7 @@ class Keyring:
         reply, _ = self._link.run(
             op,
             scripts.LOAD,
-            [*keys.common, keys.secret],
+            [keys.fingerprint, keys.secret],
             [fresh.fingerprint, "0", self._lease_ms, fresh.raw, keys.channel],
         )
         if reply[0] == scripts.REFUSED:

@@ -35,6 +35,11 @@ from dataclasses import dataclass
 from .._errors import InvalidArgument
 
 _GLOB_SPECIALS = re.compile(r"([*?\[\]\\])")
+# After the tag. The scripts name the lease keys from the fingerprint key's tag themselves
+# (``scripts.py``), so these are the one spelling of them.
+FINGERPRINT = "fingerprint"
+CLOCK, HORIZON, CLEARED = "clock", "horizon", "cleared"
+SESSION_MARKS, USER_MARKS = "ls:", "lu:"
 
 
 @dataclass(frozen=True)
@@ -67,22 +72,17 @@ class Keys:
         return cls(
             prefix=prefix,
             tag=tag,
-            fingerprint=tag + "fingerprint",
+            fingerprint=tag + FINGERPRINT,
             secret=tag + "secret",
             sessions=tag + "s:",
             users=tag + "u:",
             channel=tag + "invalidations",
-            clock=tag + "clock",
-            horizon=tag + "horizon",
-            cleared=tag + "cleared",
-            session_marks=tag + "ls:",
-            user_marks=tag + "lu:",
+            clock=tag + CLOCK,
+            horizon=tag + HORIZON,
+            cleared=tag + CLEARED,
+            session_marks=tag + SESSION_MARKS,
+            user_marks=tag + USER_MARKS,
         )
-
-    @property
-    def common(self) -> list[str]:
-        """KEYS[1..4] of every script (see ``scripts.py``)."""
-        return [self.fingerprint, self.clock, self.cleared, self.horizon]
 
     def patterns(self) -> tuple[str, str]:
         """SCAN patterns of the sessions and user indexes (glob characters escaped)."""

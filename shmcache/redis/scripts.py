@@ -9,10 +9,16 @@ check its lease (below) atomically with its write.
 Calling convention (``keys.py`` draws the key names; all share one hash slot):
 
     KEYS[1]  the fingerprint key           ARGV[1]  this client's fingerprint
-    KEYS[2]  the logout clock              ARGV[2]  "1": a fixed secret= (may write the
-    KEYS[3]  the clear's logout mark                fingerprint if it is missing), else "0"
-    KEYS[4]  the lease horizon             ARGV[3]  this client's lease_timeout (ms)
-    KEYS[5..] the call's own keys          ARGV[4..] the call's own arguments
+    KEYS[2..] the call's own keys          ARGV[2]  "1": a fixed secret= (may write the
+                                                    fingerprint if it is missing), else "0"
+                                           ARGV[3]  this client's lease_timeout (ms)
+                                           ARGV[4..] the call's own arguments
+
+The lease keys (the logout clock, the horizon, the logout marks) are named by the scripts
+from KEYS[1]'s hash tag, not declared: they may not exist, and while the slot migrates a
+command that declares a missing key fails (TRYAGAIN) even where nothing needs it, such as a
+hit. Where this node cannot serve one of them (mid-migration), the script fails with
+TRYAGAIN before its own writes.
 
 A script returns ``{0, what is stored}`` (false: nothing; "?": not a string) when the
 fingerprint is not this client's, having done nothing else; otherwise ``{1, ...}``.
@@ -58,6 +64,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from . import keys
+
 VERSION = 2
 NO_OWNER = bytes(16)
 # A member is pruned from its index this long after its score (its session's expiry):
@@ -80,12 +88,42 @@ class Script:
 
 
 def _script(name: str, body: str) -> Script:
-    text = (_PRELUDE + body).replace("GRACE", str(GRACE_MS))
+    text = _PRELUDE + body
+    for word, value in _NAMES.items():
+        text = text.replace(word, value)
     return Script(name, text, hashlib.sha1(text.encode()).hexdigest())
 
 
+_NAMES = {  # spelled in the Lua below in capitals, replaced by _script
+    "GRACE": str(GRACE_MS),
+    "TAG_END": str(-len(keys.FINGERPRINT) - 1),
+    "'CLOCK_KEY'": repr(keys.CLOCK),
+    "'HORIZON_KEY'": repr(keys.HORIZON),
+    "'CLEARED_KEY'": repr(keys.CLEARED),
+    "'SESSION_MARKS'": repr(keys.SESSION_MARKS),
+    "'USER_MARKS'": repr(keys.USER_MARKS),
+    "'NO_LEASE'": repr(NO_LEASE),
+    "'VOID_LEASE'": repr(VOID_LEASE),
+    "DROPPED": str(DROPPED),
+    "STORED": str(STORED),
+}
+
 _PRELUDE = """
 local NO_OWNER = string.rep('\\0', 16)
+local TAG = string.sub(KEYS[1], 1, TAG_END)  -- the cache's hash tag, '{prefix}'
+local CLOCK, HORIZON, CLEARED = TAG .. 'CLOCK_KEY', TAG .. 'HORIZON_KEY', TAG .. 'CLEARED_KEY'
+-- A command on a lease key (not declared: see the docstring). Mid-migration this node may
+-- not serve it: the client tries again (TRYAGAIN), before the script's own writes.
+local function on(...)
+  local reply = redis.pcall(...)
+  if type(reply) == 'table' and reply.err then
+    if string.find(reply.err, '^WRONGTYPE') or string.find(reply.err, '^OOM') then
+      error(reply)
+    end
+    error({err = 'TRYAGAIN ' .. reply.err})
+  end
+  return reply
+end
 local function now_us()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -93,28 +131,35 @@ end
 local function int(n) return string.format('%.0f', n) end  -- exact below 2^53
 -- A logout: the next value of the logout clock (strictly increasing, and never behind the
 -- server's time, so a clock lost to FLUSHDB or an eviction restarts above every stamp),
--- written under `key` for as long as any lease it must void can live.
+-- written under `key` for as long as any lease it must void can live. Called before the
+-- script's other writes: a mark alone (the script failing after it) only voids leases.
 local function mark(key)
-  local n = math.max((tonumber(redis.call('GET', KEYS[2])) or 0) + 1, now_us())
-  redis.call('SET', KEYS[2], int(n))
-  local keep = math.max(tonumber(ARGV[3]), tonumber(redis.call('GET', KEYS[4])) or 0)
-  redis.call('SET', key, int(n), 'PX', keep + GRACE)
+  local clock = tonumber(on('GET', CLOCK)) or 0
+  local keep = math.max(tonumber(ARGV[3]), tonumber(on('GET', HORIZON)) or 0) + GRACE
+  on('EXISTS', key)  -- can this node write it? (else TRYAGAIN, nothing written)
+  local n = int(math.max(clock + 1, now_us()))
+  on('SET', CLOCK, n)
+  on('SET', key, n, 'PX', keep)
 end
 -- A miss: a lease, {stamp, server time in us}. The horizon is raised to this client's
--- lease_timeout for as long as its lease can live (written at most about once per GRACE).
+-- lease_timeout for as long as its lease can live (rewritten at most about once per GRACE
+-- ms while every client has the same lease_timeout).
 local function lease()
   local now = now_us()
-  local stamp = redis.call('GET', KEYS[2])
+  local stamp = on('GET', CLOCK)
+  local own = tonumber(ARGV[3])
+  local horizon = tonumber(on('GET', HORIZON)) or 0
   if not stamp then
     stamp = int(now)
-    redis.call('SET', KEYS[2], stamp)
+    on('SET', CLOCK, stamp)
   end
-  local own = tonumber(ARGV[3])
-  local horizon = tonumber(redis.call('GET', KEYS[4])) or 0
-  if horizon < own or (horizon == own and redis.call('PTTL', KEYS[4]) < own) then
-    redis.call('SET', KEYS[4], ARGV[3], 'PX', own + GRACE)
+  if horizon < own or (horizon == own and on('PTTL', HORIZON) < own) then
+    on('SET', HORIZON, ARGV[3], 'PX', own + GRACE)
   end
   return {stamp, int(now)}
+end
+local function above(key, stamp)  -- a logout mark above a lease's stamp: a logout since
+  return (tonumber(on('GET', key)) or 0) > stamp
 end
 local function guard()
   local stored = redis.pcall('GET', KEYS[1])
@@ -123,8 +168,8 @@ local function guard()
   if stored == false and ARGV[2] == '1' then
     -- First use (again, after a FLUSHDB or a failover to an empty replica): logout marks
     -- may have been lost with it, so every lease handed out before is void.
+    mark(CLEARED)
     redis.call('SET', KEYS[1], ARGV[1])
-    mark(KEYS[3])
     return nil
   end
   return stored
@@ -147,9 +192,6 @@ end
 local function hex(s)
   return (string.gsub(s, '.', function(c) return string.format('%02x', string.byte(c)) end))
 end
-local function above(key, stamp)  -- a logout mark above a lease's stamp: a logout since
-  return (tonumber(redis.call('GET', key)) or 0) > stamp
-end
 """
 
 # The guard, then the fingerprint written again (unchanged): a client checks its secret at
@@ -162,13 +204,13 @@ redis.call('SET', KEYS[1], ARGV[1])
 return {1}
 """)
 
-# KEYS[5] the session. Returns {1, value, PTTL}, or for a miss {1, 0, stamp, time}: the
+# KEYS[2] the session. Returns {1, value, PTTL}, or for a miss {1, 0, stamp, time}: the
 # lease, in the same call.
 GET = _script("get", """
 local refused = guard()
 if refused ~= nil then return {0, refused} end
-local value = redis.pcall('GET', KEYS[5])
-if type(value) == 'string' then return {1, value, redis.call('PTTL', KEYS[5])} end
+local value = redis.pcall('GET', KEYS[2])
+if type(value) == 'string' then return {1, value, redis.call('PTTL', KEYS[2])} end
 local granted = lease()  -- absent, or another type: a miss
 return {1, 0, granted[1], granted[2]}
 """)
@@ -182,8 +224,7 @@ local granted = lease()
 return {1, 0, granted[1], granted[2]}
 """)
 
-# KEYS[5] the session; KEYS[6] its logout mark; KEYS[7] its user's index and KEYS[8] the
-# user's logout mark (both absent: no user)
+# KEYS[2] the session; KEYS[3] its user's index (absent: no user)
 # ARGV[4] value; ARGV[5] PX (ms); ARGV[6] owner (16 bytes, zeros: none); ARGV[7] the
 # session's key hash (the index member); ARGV[8] the users' key prefix; ARGV[9] index PX;
 # ARGV[10] the lease's stamp (NO_LEASE: no miss before; VOID_LEASE: void); ARGV[11] the
@@ -198,63 +239,61 @@ if lease ~= 'NO_LEASE' then
   if not void then
     local stamp = tonumber(lease)
     void = now_us() - tonumber(ARGV[11]) >= tonumber(ARGV[3]) * 1000
-      or above(KEYS[6], stamp) or above(KEYS[3], stamp)
-      or (KEYS[8] ~= nil and above(KEYS[8], stamp))
+      or above(TAG .. 'SESSION_MARKS' .. ARGV[7], stamp) or above(CLEARED, stamp)
+      or (KEYS[3] ~= nil and above(TAG .. 'USER_MARKS' .. hex(ARGV[6]), stamp))
   end
   if void then
     -- A logout since the miss (or a lease too old to tell): not stored, and no older copy
     -- stays either: the token is a miss everywhere.
-    local owner = owner_of(KEYS[5])
+    local owner = owner_of(KEYS[2])
     if owner then redis.call('ZREM', ARGV[8] .. hex(owner), ARGV[7]) end
-    if redis.call('UNLINK', KEYS[5]) == 1 then
+    if redis.call('UNLINK', KEYS[2]) == 1 then
       redis.call('PUBLISH', ARGV[12], 'i:' .. ARGV[7])
     end
     return {1, DROPPED}
   end
 end
-local previous = owner_of(KEYS[5])
+local previous = owner_of(KEYS[2])
 if previous and previous ~= ARGV[6] then
   -- the token moves to another user (or to none): the old user's index lets go of it
   redis.call('ZREM', ARGV[8] .. hex(previous), ARGV[7])
 end
-redis.call('SET', KEYS[5], ARGV[4], 'PX', ARGV[5])
-if KEYS[7] then
+redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
+if KEYS[3] then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   -- expired members go as the index is written to: it never grows past the live sessions
-  redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now - GRACE)
-  redis.call('ZADD', KEYS[7], now + tonumber(ARGV[5]), ARGV[7])
-  if redis.call('PTTL', KEYS[7]) < tonumber(ARGV[9]) then
-    redis.call('PEXPIRE', KEYS[7], ARGV[9])
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - GRACE)
+  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[5]), ARGV[7])
+  if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[9]) then
+    redis.call('PEXPIRE', KEYS[3], ARGV[9])
   end
 end
 return {1, STORED}
-""".replace("'NO_LEASE'", repr(NO_LEASE)).replace("'VOID_LEASE'", repr(VOID_LEASE))
-    .replace("DROPPED", str(DROPPED)).replace("STORED", str(STORED)))
+""")
 
-# KEYS[5] the session; KEYS[6] its logout mark; ARGV[4] its key hash; ARGV[5] the users'
-# key prefix; ARGV[6] the channel. Deletes it, lets go of its index entry, marks the
-# logout (voiding the leases of racing validations), publishes b"i:<hash>".
+# KEYS[2] the session; ARGV[4] its key hash; ARGV[5] the users' key prefix; ARGV[6] the
+# channel. Marks the logout (voiding the leases of racing validations), deletes the
+# session, lets go of its index entry, publishes b"i:<hash>".
 REMOVE = _script("invalidate", """
 local refused = guard()
 if refused ~= nil then return {0, refused} end
-local owner = owner_of(KEYS[5])
+local owner = owner_of(KEYS[2])
+mark(TAG .. 'SESSION_MARKS' .. ARGV[4])
 if owner then redis.call('ZREM', ARGV[5] .. hex(owner), ARGV[4]) end
-redis.call('UNLINK', KEYS[5])
-mark(KEYS[6])
+redis.call('UNLINK', KEYS[2])
 redis.call('PUBLISH', ARGV[6], 'i:' .. ARGV[4])
 return {1}
 """)
 
-# KEYS[5] the user's index; KEYS[6] the user's logout mark; ARGV[4] owner (16 bytes);
-# ARGV[5] the sessions' key prefix; ARGV[6] the channel. Returns {1, the deadline bytes of
-# each session it deleted} (the caller counts the live ones), marks the logout, and
-# publishes b"u:<owner hex>".
+# KEYS[2] the user's index; ARGV[4] owner (16 bytes); ARGV[5] the sessions' key prefix;
+# ARGV[6] the channel. Marks the logout, returns {1, the deadline bytes of each session it
+# deleted} (the caller counts the live ones) and publishes b"u:<owner hex>".
 REVOKE = _script("invalidate_by_user", """
 local refused = guard()
 if refused ~= nil then return {0, refused} end
 local deadlines, doomed = {}, {}
-for _, member in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
+for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
   local key = ARGV[5] .. member
   local owner, deadline = owner_of(key)
   -- a member whose token was re-set to someone else since is not ours to delete
@@ -263,11 +302,11 @@ for _, member in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
     deadlines[#deadlines + 1] = deadline
   end
 end
+mark(TAG .. 'USER_MARKS' .. hex(ARGV[4]))
 for i = 1, #doomed, 256 do  -- one UNLINK per 256 keys (unpack() has a stack limit)
   redis.call('UNLINK', unpack(doomed, i, math.min(i + 255, #doomed)))
 end
-redis.call('UNLINK', KEYS[5])
-mark(KEYS[6])
+redis.call('UNLINK', KEYS[2])
 redis.call('PUBLISH', ARGV[6], 'u:' .. hex(ARGV[4]))
 return {1, deadlines}
 """)
@@ -277,29 +316,29 @@ return {1, deadlines}
 CLEARED = _script("clear", """
 local refused = guard()
 if refused ~= nil then return {0, refused} end
-mark(KEYS[3])
+mark(CLEARED)
 redis.call('PUBLISH', ARGV[4], 'c')
 return {1}
 """)
 
 # Shared-secret mode: read the secret, or create it with its fingerprint.
-# KEYS[5] the secret; ARGV[1] the fingerprint of a fresh secret (ARGV[2] unused);
+# KEYS[2] the secret; ARGV[1] the fingerprint of a fresh secret (ARGV[2] unused);
 # ARGV[4] the fresh secret; ARGV[5] the channel.
 # Returns {1, secret, fingerprint}; {2, ...} if it made them (and announced it);
 # {0, fingerprint} if the fingerprint is not a shared secret's (a secret= owns the prefix);
 # {0, '?'} if either key holds something else.
 LOAD = _script("load secret", """
 local fp = redis.pcall('GET', KEYS[1])
-local secret = redis.pcall('GET', KEYS[5])
+local secret = redis.pcall('GET', KEYS[2])
 if type(fp) == 'table' or type(secret) == 'table' then return {0, '?'} end
 if fp and string.sub(fp, 1, 7) ~= 'shared:' then return {0, fp} end
 if fp and secret then return {1, secret, fp} end
 -- nothing yet, or half a pair (one of the two evicted or deleted): start over. A new
 -- secret orphans every key made under the old one: hosts drop what they copied locally,
 -- and every lease handed out before is void (its logout marks are under old key hashes).
-redis.call('SET', KEYS[5], ARGV[4])
+mark(CLEARED)
+redis.call('SET', KEYS[2], ARGV[4])
 redis.call('SET', KEYS[1], ARGV[1])
-mark(KEYS[3])
 redis.call('PUBLISH', ARGV[5], 'c')
 return {2, ARGV[4], ARGV[1]}
 """)

@@ -168,12 +168,10 @@ class RedisStore(ClosesOnExit):
             full = keys.sessions + key
             owner = scripts.NO_OWNER if user is None else self._owner(secret, user)
             value = values.pack(secret, full, deadline, owner, payload)
-            marks = [full, keys.session_marks + key]
-            if user is not None:
-                marks += [keys.users + owner.hex(), keys.user_marks + owner.hex()]
+            index = [] if user is None else [keys.users + owner.hex()]
             args = [value, px, owner, key, keys.users, px + scripts.GRACE_MS, *stamp,
                     keys.channel]
-            return marks, args, (key, None if user is None else owner.hex())
+            return [full, *index], args, (key, None if user is None else owner.hex())
 
         reply, _, stored = self._run("set", scripts.SET, build)
         if reply[1] == scripts.DROPPED:
@@ -188,8 +186,7 @@ class RedisStore(ClosesOnExit):
 
         def build(secret: Secret) -> tuple[list[str], list[Any], str]:
             key = self._hash(secret, token)
-            marks = [keys.sessions + key, keys.session_marks + key]
-            return marks, [key, keys.users, keys.channel], key
+            return [keys.sessions + key], [key, keys.users, keys.channel], key
 
         return self._run("invalidate", scripts.REMOVE, build, wait=True)[2]
 
@@ -200,8 +197,7 @@ class RedisStore(ClosesOnExit):
 
         def build(secret: Secret) -> tuple[list[str], list[Any], str]:
             owner = self._owner(secret, user)
-            index = [keys.users + owner.hex(), keys.user_marks + owner.hex()]
-            return index, [owner, keys.sessions, keys.channel], owner.hex()
+            return [keys.users + owner.hex()], [owner, keys.sessions, keys.channel], owner.hex()
 
         reply, _, owner = self._run("invalidate_by_user", scripts.REVOKE, build, wait=True)
         deadlines = reply[1]
@@ -269,7 +265,7 @@ class RedisStore(ClosesOnExit):
             reply, acked = link.run(
                 op,
                 script,
-                [*self._keys.common, *keys],
+                [self._keys.fingerprint, *keys],
                 [*keyring.guard_args(secret), *args],
                 wait=replicas,
                 wait_ms=max(1, round(self._replica_timeout * 1000)),
