@@ -246,6 +246,7 @@ class RedisSessionCache(RedisStore):
             "unavailable": self._link.failures,
             "decode_errors": self._decode_errors,
             "lease_drops": self._lease_drops,
+            "lease_timeout": self._leases.timeout,
             "fail_open": self._fail_open,
             "shared_secret": self._keyring.shared,
             "min_replicas": self._min_replicas,
