@@ -24,13 +24,10 @@ host's subscriber drops that user's local copies (``invalidate_by_user`` on the 
 whose entries are filed under the same hash); a copy that missed the message still dies S
 seconds after the Redis read that made it, and that read began before the revocation.
 
-Leases hold end to end (``shmcache/_leases.py``): they live in the remote. A ``get`` that
-misses on both tiers gives the thread a lease at the remote (no extra round trip: the miss
-carries it); the thread's next ``set`` of the token is refused by the remote if a logout of
-the token, of its user, or a clear came since on any host, and then this host's copy is
-dropped too and nothing is stored locally. The local tier keeps leases of its own on the
-key hashes: a copy read from Redis (a local miss, a remote hit) is not stored locally if
-an invalidation message for it was applied while it was being read.
+Leases (``shmcache/_leases.py``) live in the remote: a ``get`` that misses on both tiers
+takes the lease there, and a ``set`` the remote drops (a logout since, on any host) drops
+this host's copy and stores nothing locally. The local tier's own leases on key hashes keep
+a copy read from Redis out of the table if its invalidation was applied during the read.
 """
 
 from __future__ import annotations
@@ -184,9 +181,8 @@ class TieredSessionCache(ClosesOnExit):
         self, token: str, session: Any, ttl_seconds: float, *, user_id: str | int | None = None
     ) -> None:
         """Write ``session`` to Redis, filed under ``user_id`` (or ``user_id_of(session)``),
-        then to the host's table for at most S seconds. If this thread's last ``get`` of
-        ``token`` missed and a logout of it (or of its user, or a clear) came since, on any
-        host, it is stored in neither tier, and this host's copy is dropped."""
+        then to the host's table for at most S seconds; to neither, dropping this host's
+        copy, if a logout came since this thread's miss of ``token`` (leases)."""
         ttl = _args.check_set_args(token, ttl_seconds)
         if user_id is None and self._user_id_of is not None:
             user_id = self._user_id_of(session)
@@ -195,9 +191,7 @@ class TieredSessionCache(ClosesOnExit):
             self._start_subscriber()
         try:
             key, owner = self._remote.store(token, session, ttl, user)
-        except LeaseDropped as dropped:
-            # The remote deleted its entry; a local copy (another worker's, set before the
-            # logout's message arrived) must not outlive it here.
+        except LeaseDropped as dropped:  # the remote deleted its entry: so does this host
             self._lease_drops += 1
             self._remember(token, dropped.key)
             self._local.invalidate(dropped.key)
