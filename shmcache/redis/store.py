@@ -120,8 +120,13 @@ class RedisStore(ClosesOnExit):
                 if found is not None:
                     return (*found[:2], key, found[2])
                 # A value that is not ours, or past its deadline: a miss after all, and the
-                # script granted no lease for it. Rare (tests' clocks, tampering): a call.
-                reply = self._run("lease", scripts.LEASE, lambda _: ([], [], None))[0]
+                # script granted no lease for it. Rare (tests' clocks, tampering): a call,
+                # whose failure leaves this miss a void lease rather than an error.
+                try:
+                    reply = self._run("lease", scripts.LEASE, lambda _: ([], [], None))[0]
+                except CacheUnavailable:
+                    self._leases.grant(token, _VOID)
+                    return None
         except CacheUnavailable:
             self._leases.grant(token, _VOID)
             raise

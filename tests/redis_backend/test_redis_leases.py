@@ -222,3 +222,31 @@ def test_lease_timeout_in_urls(
     name = make_name()
     with open_cache(f"shm://{name}?capacity=64&lease_timeout=3") as shm:  # type: ignore[attr-defined]
         assert shm._leases.timeout == 3.0
+
+
+def test_a_value_that_turns_out_a_miss_still_takes_a_lease(
+    redis_server: Any, redis_raw: Any, redis_prefix: str
+) -> None:
+    """A value past its deadline on the client's clock, or one that is not ours: the get
+    script returned it (no lease), the client finds it a miss and asks for a lease."""
+    clock = FakeClock()
+    url = redis_server.url
+    with (
+        RedisSessionCache(url, prefix=redis_prefix, clock=clock) as cache,
+        RedisSessionCache(url, prefix=redis_prefix, clock=clock) as peer,
+    ):
+        cache.set("old", "s", 1)
+        clock.advance(1)  # past its deadline here, still in Redis for a while
+        assert cache.get("old") is None
+        peer.invalidate("old")
+        cache.set("old", "s", 60)
+        assert peer.get("old") is None
+        peer.set("forged", "s", 60)
+        (key,) = redis_raw.scan_iter(match=tag(redis_prefix) + "s:" + peer.key_of("forged"))
+        redis_raw.set(key, b"not a value of ours", keepttl=True)
+        assert cache.get("forged") is None
+        assert cache.stats()["decode_errors"] == 1
+        peer.invalidate("forged")
+        cache.set("forged", "s", 60)
+        assert peer.get("forged") is None
+        assert cache.stats()["lease_drops"] == 2
