@@ -26,6 +26,17 @@ Listener = Callable[[], None]  # told that the shared secret changed (called out
 Found = tuple[Any, float, str, "str | None"]  # session, seconds left, key hash, owner hash
 
 
+class LeaseDropped(Exception):
+    """Raised by a remote's ``store`` that did not write because this thread's lease on the
+    token was void (a logout since its miss, or the lease expired: ``shmcache/_leases.py``);
+    the remote has also deleted any entry of the token. ``key`` is the token's key hash.
+    Never reaches the caller of ``set``: the backends catch it (a dropped set returns)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"set of key hash {key} not stored: its lease is void")
+        self.key = key
+
+
 @runtime_checkable
 class RemoteTier(Protocol):
     """The remote side of ``TieredSessionCache``: ``RedisSessionCache`` and
@@ -37,6 +48,12 @@ class RemoteTier(Protocol):
     returning ``None`` or a dict with ``"type"`` (``"subscribe"``, ``"message"``) and
     ``"data"`` (bytes), and ``close()``; a lost connection raises one of
     ``unavailable_errors``.
+
+    Leases (``shmcache/_leases.py``), in the remote: a ``lookup`` that finds nothing (or
+    cannot reach the store) gives the calling thread a lease on the token; the thread's next
+    ``store`` of it raises ``LeaseDropped`` instead of writing if a logout of the token, of
+    its user, or a clear came since, or the lease expired. ``TieredSessionCache`` then drops
+    its local copy too, so the lease holds end to end.
     """
 
     @property
