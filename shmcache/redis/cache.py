@@ -14,10 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 from .. import _args
-from .._errors import CacheUnavailable, InvalidArgument, InvalidType
+from .._errors import InvalidArgument, InvalidType
 from .._leases import DEFAULT_TIMEOUT as DEFAULT_LEASE_TIMEOUT
 from .._protocol import UserIdOf
-from .._remote import LeaseDropped
 from ..codecs import Codec, JsonCodec, PickleCodec
 from .client import check_client, client_from_url, import_library
 from .keyring import Keyring
@@ -154,50 +153,11 @@ class RedisSessionCache(RedisStore):
 
     # -- the SessionCache protocol -------------------------------------------------------
 
-    def get(self, token: str) -> Any | None:
-        """The session cached for ``token``, or None; never raises because of what Redis
-        holds (a foreign, damaged or undecodable value is a miss)."""
-        _args.check_token(token)
-        self._ensure_open()
-        try:
-            found = self.lookup(token) if token else None
-        except CacheUnavailable:
-            if not self._fail_open:
-                raise
-            found = None
-        if found is None:
-            self._misses += 1
-            return None
-        self._hits += 1
-        return found[0]
-
-    def set(
-        self, token: str, session: Any, ttl_seconds: float, *, user_id: str | int | None = None
-    ) -> None:
-        """Cache ``session`` for ``ttl_seconds`` (a Redis expiry, millisecond precision),
-        filed under ``user_id`` (or ``user_id_of(session)``) if there is one. Re-setting a
-        token files it under its new user only. Not stored if this thread's last ``get`` of
-        ``token`` missed and a logout of it (or of its user, or a ``clear``) came since, or
-        that miss is older than ``lease_timeout`` (see the class docstring)."""
-        ttl = _args.check_set_args(token, ttl_seconds)
-        user = self.user_of(session, user_id)
-        self._ensure_open()
-        try:
-            self.store(token, session, ttl, user)
-        except LeaseDropped:
-            pass  # counted by store(); the racing request may still use its session
-        except CacheUnavailable:
-            if not self._fail_open:
-                raise
-
     def invalidate(self, token: str) -> None:
         """Delete ``token`` in Redis and announce it; raises ``CacheUnavailable`` rather
         than return without having deleted it (whatever ``fail_open`` says), or, with
         ``min_replicas``, before that many replicas have it."""
-        _args.check_token(token)
-        self._ensure_open()
-        if token:
-            self.remove(token)
+        super().invalidate(token)
 
     def invalidate_by_user(self, user_id: str | int) -> int:
         """Delete every session of ``user_id`` (compared by ``str()``) and announce it;
@@ -212,9 +172,7 @@ class RedisSessionCache(RedisStore):
         or wholly after it (it starts a new index that the next revoke finds). Cost: one
         command that holds Redis for its duration, O(sessions in the user's index).
         """
-        user = _args.user_key(user_id)
-        self._ensure_open()
-        return self.revoke(user)[0]
+        return super().invalidate_by_user(user_id)
 
     def clear(self) -> None:
         """Delete every session (and user index) under this prefix (SCAN + UNLINK on every
@@ -222,16 +180,6 @@ class RedisSessionCache(RedisStore):
         database); raises ``CacheUnavailable`` if Redis cannot be reached."""
         self.wipe()
 
-    def user_of(self, session: Any, user_id: object) -> str | None:
-        """The user a ``set`` files ``session`` under (``user_key`` form): ``user_id`` if
-        given, else ``user_id_of(session)``; ``InvalidType``/``InvalidArgument`` if bad."""
-        if user_id is None and self._user_id_of is not None:
-            user_id = self._user_id_of(session)
-        return None if user_id is None else _args.user_key(user_id)
-
-    @property
-    def fail_open(self) -> bool:
-        return self._fail_open
 
     # -- figures and lifetime ------------------------------------------------------------
 

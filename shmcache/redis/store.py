@@ -24,10 +24,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .. import _args
-from .._closing import ClosesOnExit
 from .._errors import CacheClosed, CacheUnavailable, InvalidType
 from .._leases import EXPIRED, NO_LEASE, Leases
-from .._remote import LeaseDropped
+from .._remote import LeaseDropped, RemoteSessionCache
 from ..codecs import Codec, JsonCodec
 from . import scripts, values
 from .keyring import Keyring, Listener
@@ -50,7 +49,7 @@ def lease_ms(lease_timeout: float) -> int:
     return min(_MAX_LEASE_MS, max(1, math.ceil(lease_timeout * 1000)))
 
 
-class RedisStore(ClosesOnExit):
+class RedisStore(RemoteSessionCache):
     """One cache's keys in Redis (see the module docstring); ``CacheUnavailable`` when
     Redis cannot be reached or refuses, ``SecretMismatch`` when the prefix's fingerprint
     is another secret's."""
