@@ -142,6 +142,8 @@ class RemoteSessionCache(ClosesOnExit):
         self._ensure_open()
         try:
             self.store(token, session, ttl, user)
+        except LeaseDropped:
+            pass  # counted by store(); the racing request may still use its session
         except CacheUnavailable:
             if not self._fail_open:
                 raise
