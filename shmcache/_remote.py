@@ -14,6 +14,7 @@ they return), which is what ``RemoteTier`` spells out.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -94,7 +95,7 @@ class RemoteTier(Protocol):
     def close(self) -> None: ...
 
 
-class RemoteSessionCache(ClosesOnExit):
+class RemoteSessionCache(ClosesOnExit, ABC):
     """The ``SessionCache`` front of a remote backend, on top of its primitives.
 
     Subclasses set ``_fail_open``, ``_user_id_of`` and ``_closed`` and implement
@@ -166,19 +167,23 @@ class RemoteSessionCache(ClosesOnExit):
 
     # -- primitives (subclasses) ---------------------------------------------------------
 
+    @abstractmethod
     def lookup(self, token: str) -> Found | None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def store(
         self, token: str, session: Any, ttl: float, user: str | None = None
     ) -> tuple[str, str | None]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def remove(self, token: str) -> str:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def revoke(self, user: str) -> tuple[int, str]:
-        raise NotImplementedError
+        ...
 
     # -- shared helpers ------------------------------------------------------------------
 

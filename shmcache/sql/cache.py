@@ -20,7 +20,7 @@ from .._errors import CacheUnavailable, InvalidArgument, InvalidType, SecretMism
 from .._leases import DEFAULT_TIMEOUT as DEFAULT_LEASE_TIMEOUT
 from .._leases import EXPIRED, NO_LEASE, Leases
 from .._protocol import UserIdOf
-from .._remote import Found, Listener, RemoteSessionCache
+from .._remote import Found, LeaseDropped, Listener, RemoteSessionCache
 from ..codecs import Codec, JsonCodec, PickleCodec
 from .store import StaleFingerprint
 from .upkeep import RECLAIM_EVERY as RECLAIM_EVERY  # (tests count sets by it)
@@ -199,11 +199,14 @@ class DatabaseSessionCache(RemoteSessionCache, DatabaseUpkeep):
             return key, owner, stored
 
         key, owner, stored = self._run("set", run)
-        if not stored:
-            self._lease_drops += 1
         self._sets += 1
         if self._sets % RECLAIM_EVERY == 0:
             self._reclaim()
+        if not stored:
+            # The RemoteTier contract: the tier in front (TieredSessionCache) drops its own
+            # copy too, so the lease holds end to end.
+            self._lease_drops += 1
+            raise LeaseDropped(key.hex())
         return key.hex(), None if owner is None else owner.hex()
 
     def remove(self, token: str) -> str:

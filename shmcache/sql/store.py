@@ -59,6 +59,7 @@ import os
 import re
 import threading
 import weakref
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
@@ -154,7 +155,7 @@ class LocalPool(Generic[C]):
             self._idle = []
 
 
-class SqlStore:
+class SqlStore(ABC):
     """One session table on one database, used by one ``DatabaseSessionCache``.
 
     Methods take ``now`` (ms on the caller's clock, or None for the database's clock) and
@@ -196,42 +197,52 @@ class SqlStore:
             self._with_connection(self.create_schema)
         return self._with_connection(fn)
 
+    @abstractmethod
     def _with_connection(self, fn: Callable[[Any], T]) -> T:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def describe(self) -> str:
         """The database, for messages (never a password)."""
-        raise NotImplementedError
+        ...
 
-    def forget_connections(self) -> None:
-        """In a forked child: drop (without closing) the parent's connections."""
+    def forget_connections(self) -> None:  # noqa: B027 (a default, not an abstract method)
+        """In a forked child: drop (without closing) the parent's connections. The default:
+        a store that keeps none has nothing to drop."""
 
+    @abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        ...
 
     # -- the dialect's SQL ---------------------------------------------------------------
 
+    @abstractmethod
     def create_schema(self, conn: Any) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def is_missing_table(self, exc: BaseException) -> bool:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def read_meta(self) -> tuple[bytes | None, bytes] | None:
         """``(secret or None, fingerprint)`` of the meta row, or None if there is none."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def create_meta(self, secret: bytes | None, fp: bytes) -> tuple[bytes | None, bytes]:
         """Write the meta row unless one exists (then announce ``b"c"``: every key made
         under an older secret is orphaned); return the row that is there now."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def lookup(self, key: bytes, fp: bytes, now: int | None) -> tuple[Row | None, int | None]:
         """``(value, owner, ms left)`` of the live row of ``key`` or None, and, read in the
         same statement, the lease a miss takes: the ``head`` stamp (None if the stamps
         were lost: ``restart_stamps``)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def store(
         self, key: bytes, owner: bytes | None, value: bytes, ttl_ms: int, fp: bytes,
         now: int | None, lease: int | None = None,
@@ -239,56 +250,67 @@ class SqlStore:
         """Write the row; with a ``lease``, only if no logout of ``key``, of ``owner``, nor
         a clear came after it (checked atomically with the write), else delete ``key``'s
         row and count a drop. True if stored."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def drop(self, key: bytes, fp: bytes) -> None:
         """A set refused before it reached the database (its lease expired): delete
         ``key``'s row (no older copy is served) and count a drop."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def restart_stamps(self) -> None:
         """Make ``head`` and ``floor`` again if they are missing, both at the database's
         clock: every lease handed out before is void (its logouts may be lost)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def remove(self, key: bytes, fp: bytes, message: str) -> None:
         """Delete ``key``, stamp it, and send ``message`` (PostgreSQL: NOTIFY) in one
         transaction."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def revoke(self, owner: bytes, fp: bytes, now: int | None, message: str) -> int:
         """Delete every row of ``owner``, stamp it (and send ``message``) in one
         transaction; returns how many of them were live."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def clear(self, fp: bytes, message: str) -> None:
         """Delete every row and every stamp, and raise ``floor`` to a new stamp."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def reclaim_stamps(self, age_ms: int) -> int:
         """Delete the stamps older than ``age_ms`` (on the database's clock) and raise
         ``floor`` to the newest of them, in one transaction; returns how many."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def purge(self, now: int | None, limit: int | None = None) -> int:
         """Delete expired rows (at most ``limit``, oldest first); returns how many."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def delete_keys(self, keys: list[bytes]) -> int:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def counts(self, now: int | None) -> dict[str, Any]:
         """Table-wide figures: live and expired rows, users with live rows, stamps and
         lease drops, and what the dialect adds."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def rows(self, batch: int = 1000) -> Iterator[tuple[bytes, bytes | None, bytes]]:
         """Every ``(key, owner, value)``, in key order, ``batch`` rows per statement."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def problems(self, shared_secret: bool) -> list[str]:
         """What the dialect itself finds wrong (database integrity, file permissions)."""
-        raise NotImplementedError
+        ...
 
     def listen(self) -> Any:
         """A subscription to ``channel`` (see ``shmcache._remote.RemoteTier``)."""
