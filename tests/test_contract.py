@@ -170,9 +170,11 @@ LEASES: dict[str, PeerUrl] = {
     ),
     "postgresql": _pg_peer(),
     "postgresql-secret": _pg_peer(secret=b"contract-suite-secret-0123456789"),
-    # Not yet "shm+postgresql": DatabaseSessionCache.store returns normally from a set its
-    # lease refused, so the tiered cache keeps the racing session in the host's table; it
-    # joins once that store raises shmcache._remote.LeaseDropped (as RedisStore.store does).
+    "shm+postgresql": lambda cache, make_name: (
+        f"shm+{_pg_support.shared_server().url()}&table={cache.remote._store.table}"
+        f"&shm={make_name()}&capacity=256&value_size=256&max_staleness=3600&subscribe=false",
+        {},
+    ),
 }
 
 
