@@ -82,6 +82,22 @@ def _shm_redis(clock: Any, make_name: Callable[[], str], **options: Any) -> Tier
     )
 
 
+def _shm_postgresql(
+    clock: Any, make_name: Callable[[], str], **options: Any
+) -> TieredSessionCache:
+    leases = {k: options.pop(k) for k in ("lease_timeout",) if k in options}  # both tiers'
+    return TieredSessionCache(
+        remote=_pg_support.pg_cache(clock, make_name, **leases),
+        local=SharedMemorySessionCache.create(
+            make_name(), capacity=256, value_size=256, clock=clock, **leases
+        ),
+        max_staleness=3600,
+        subscribe=False,
+        clock=clock,
+        **options,
+    )
+
+
 BACKENDS: dict[str, Factory] = {
     "inmemory": lambda clock, make_name, **options: InMemorySessionCache(clock=clock, **options),
     "redis": _redis,
@@ -96,16 +112,7 @@ BACKENDS: dict[str, Factory] = {
     "postgresql-secret": lambda clock, make_name, **options: _pg_support.pg_cache(
         clock, make_name, secret=b"contract-suite-secret-0123456789", **options
     ),
-    "shm+postgresql": lambda clock, make_name, **options: TieredSessionCache(
-        remote=_pg_support.pg_cache(clock, make_name),
-        local=SharedMemorySessionCache.create(
-            make_name(), capacity=256, value_size=256, clock=clock
-        ),
-        max_staleness=3600,
-        subscribe=False,
-        clock=clock,
-        **options,
-    ),
+    "shm+postgresql": _shm_postgresql,
     "shm-hash": lambda clock, make_name, **options: SharedMemorySessionCache.create(
         make_name(), capacity=256, clock=clock, **options
     ),
@@ -136,6 +143,14 @@ def _shm_redis_peer(cache: Any, make_name: Callable[[], str]) -> tuple[str, dict
     )
 
 
+def _pg_peer(**options: Any) -> PeerUrl:
+    def peer(cache: Any, make_name: Callable[[], str]) -> tuple[str, dict[str, Any]]:
+        # the shared server's URL already has a query (host=, port=)
+        return f"{_pg_support.shared_server().url()}&table={cache._store.table}", options
+
+    return peer
+
+
 # The backends that keep issue 11's leases (a set after a miss is not stored if a logout of
 # the token, of its user, or a clear returned in between), each with the open_cache URL and
 # options by which another process reaches the same store. A backend joins the lease tests
@@ -150,6 +165,16 @@ LEASES: dict[str, PeerUrl] = {
     "redis-cluster": _redis_peer(lambda: _redis_topologies.shared_cluster().url()),
     "valkey": _redis_peer(lambda: _redis_topologies.shared_valkey().url),
     "shm+redis": _shm_redis_peer,
+    "sqlite": lambda cache, make_name: (
+        f"sqlite:///{cache._store.path}?table={cache._store.table}", {}
+    ),
+    "postgresql": _pg_peer(),
+    "postgresql-secret": _pg_peer(secret=b"contract-suite-secret-0123456789"),
+    "shm+postgresql": lambda cache, make_name: (
+        f"shm+{_pg_support.shared_server().url()}&table={cache.remote._store.table}"
+        f"&shm={make_name()}&capacity=256&value_size=256&max_staleness=3600&subscribe=false",
+        {},
+    ),
 }
 
 

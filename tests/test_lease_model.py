@@ -22,6 +22,7 @@ user's live sessions.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -32,12 +33,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
 from test_contract import BACKENDS, LEASES
 
-from shmcache import (
-    RedisSessionCache,
-    SharedMemorySessionCache,
-    TieredSessionCache,
-    open_cache,
-)
+from shmcache import SharedMemorySessionCache, TieredSessionCache, open_cache
 
 TIMEOUT = 10.0  # the default lease_timeout
 TTL = 60.0
@@ -56,21 +52,13 @@ FALSE_DROPS = {"shm-hash", "shm-value"}
 
 
 def _peer(backend: str, cache: Any, clock: Any, make_name: Callable[[], str]) -> Any:
-    """Another worker on the same store; for the tiered cache, on the same host."""
+    """Another worker on the same store; for a tiered cache, on the same host: the URL of
+    another host, with this host's segment."""
+    url, options = LEASES[backend](cache, make_name)
     if isinstance(cache, TieredSessionCache):
         local = cache._local
         assert isinstance(local, SharedMemorySessionCache)
-        remote = cache.remote
-        assert isinstance(remote, RedisSessionCache)
-        url = LEASES["redis"](remote, make_name)[0]
-        return TieredSessionCache(
-            SharedMemorySessionCache.attach(local.name, clock=clock),
-            open_cache(url, clock=clock),  # type: ignore[arg-type]
-            max_staleness=3600,
-            subscribe=False,
-            clock=clock,
-        )
-    url, options = LEASES[backend](cache, make_name)
+        url = re.sub(r"([?&])shm=[^&]*", rf"\g<1>shm={local.name}", url)
     return open_cache(url, clock=clock, **options)
 
 
