@@ -40,7 +40,6 @@ from .stats import ratio
 
 USERS = 200
 CONNECTIONS = 32
-TTL = 10.0  # the seed app's default cache TTL
 WORKER_CLASS = "uvicorn_worker.UvicornWorker"
 DEPENDENCIES = ("sync", "async")
 MODES = {"keepalive": "keep-alive", "close": "new connection per request"}
@@ -268,9 +267,9 @@ def _combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _server(cache: AppCache, dependency: str, res: Resources, db: _Database, secret: str,
-            state: Path, watched: list[int]) -> tuple[Gunicorn, str | None]:
+            state: Path, watched: list[int], ttl: float) -> tuple[Gunicorn, str | None]:
     env = {"BENCH_DEPENDENCY": dependency, "BENCH_DB": str(db.path), "BENCH_SECRET": secret,
-           "BENCH_TTL": str(TTL), "BENCH_STATE": str(state),
+           "BENCH_TTL": str(ttl), "BENCH_STATE": str(state),
            "BENCH_WATCH": ",".join(map(str, watched))}
     segment = None
     if cache.spec == "gunicorn":
@@ -348,7 +347,7 @@ def run(cfg: Config, res: Resources, progress: Progress,
                     state = workdir / f"state-{cache.key}-{dependency}"
                     state.mkdir()
                     server, segment = _server(cache, dependency, res, db, secret, state,
-                                              watched)
+                                              watched, cfg.app_ttl)
                 except Exception as exc:  # a backend that will not start: say so, go on
                     progress.note(f"skipped {cache.label} ({dependency}): {exc}")
                     row["skipped_variants"][dependency] = str(exc)
@@ -375,7 +374,7 @@ def run(cfg: Config, res: Resources, progress: Progress,
                   "pydantic Session, SQLite)",
         "client": (f"wrk -t1 -c{CONNECTIONS}" if use_wrk else
                    f"bench.httpclient (2 processes x {CONNECTIONS // 2} threads)"),
-        "users": USERS, "ttl": TTL, "seconds": cfg.app_seconds, "warmup": cfg.app_warmup,
+        "users": USERS, "ttl": cfg.app_ttl, "seconds": cfg.app_seconds, "warmup": cfg.app_warmup,
         "rounds": cfg.app_rounds, "logouts_per_round": k, "modes": MODES,
         "dependencies": list(cfg.app_dependencies), "caches": out,
     }

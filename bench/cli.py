@@ -52,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="also run the real app on this open_cache URL (repeatable)")
     p.add_argument("--app-seconds", type=float, metavar="S",
                    help="length of each measured round of the real app")
+    p.add_argument("--app-warmup", type=float, metavar="S",
+                   help="unmeasured load before each round of the real app")
+    p.add_argument("--app-ttl", type=float, metavar="S",
+                   help="the real app's cache TTL (default 10 s, the seed app's)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     p.add_argument("--publish", action="store_true",
                    help="copy the plots to docs/ and rewrite README.md's Performance section")
@@ -132,6 +136,12 @@ def _app_options(cfg: Config, args: argparse.Namespace) -> Config:
         if not (math.isfinite(args.app_seconds) and 0 < args.app_seconds <= 600):
             raise ValueError(f"--app-seconds must be in (0, 600], got {args.app_seconds:g}")
         changes["app_seconds"] = args.app_seconds
+    for flag, key, low in (("--app-warmup", "app_warmup", 0.0), ("--app-ttl", "app_ttl", 0.1)):
+        value = getattr(args, key)
+        if value is not None:
+            if not (math.isfinite(value) and low <= value <= 600):
+                raise ValueError(f"{flag} must be in [{low:g}, 600], got {value:g}")
+            changes[key] = value
     if args.app_caches is not None:
         chosen = tuple(k for k in args.app_caches.split(",") if k)
         unknown = [k for k in chosen if k not in app.BUILTIN_KEYS]

@@ -34,6 +34,7 @@ class Config:
     # the real app (issue 11; 0 seconds: skipped unless --app-seconds is given)
     app_seconds: float = 10.0  # one measured round (the seed app's cache TTL is 10 s)
     app_warmup: float = 2.0
+    app_ttl: float = 10.0  # the app's cache TTL (the seed app's default); tests shorten it
     app_rounds: int = 1  # each round: keep-alive, then a new connection per request
     app_logouts: int = 10  # users logged out in each round, under load
     app_caches: tuple[str, ...] = ("inmemory", "shm", "shm-256", "shm-512", "redis")

@@ -63,24 +63,17 @@ WHY_MISSED = {
     "gunicorn (4 workers) requests/s vs the in-memory cache":
         "the 4 workers and wrk share 2 cores, so every microsecond a request spends in the"
         " cache is one less for serving, and rounds on this shared VM differ by several"
-        " percent (each is in the end-to-end table); hash-only also revalidates more, since"
-        " wrk spreads each token over 4 workers and a worker returns only sessions it set",
-    "real app, new connection per request: database validations per 1000 requests, "
-    "hash-only vs the seed's (4 workers)":
-        "by design of hash-only mode: a worker returns only session objects it set itself,"
-        " and another worker's set supersedes them, so with each user's requests spread"
-        " over 4 workers they take turns validating; value mode (the next row) is the mode"
-        " for requests that are not sticky",
-    "full run time":
-        "the full run is fixed-length rounds over every backend, and its sections grew: the"
-        " many-process section now runs SQLite and PostgreSQL in 1 to 8 processes too, and"
-        " issue 15 added the callgrind section (valgrind runs five interpreters, about a"
-        " minute) and two pure-Python rows; on this shared VM, other runs stretch every round"
-        " as well. Fitting the budget means fewer backends in --full's many-process section",
+        " percent (each is in the end-to-end table)",
     "shared memory per session, hash-and-expiry mode":
         "the table runs half full so that churn at capacity evicts nothing (at 2/3 it did),"
-        " and a slot is 40 B (16 tag, 8 check word, 8 expiry, 8 user hash for"
-        " invalidate_by_user): 48 B would cost evictions or the per-user logout",
+        " a slot is 48 B (16 tag, 8 check word, 8 expiry, 8 user hash for invalidate_by_user,"
+        " 8 fingerprint for equal sets) and leases add 8 B: 48 B would cost evictions, the"
+        " per-user logout or the workers' shared sessions",
+    "full run time":
+        "the real app's section (issue 11) runs 5 caches x 2 dependencies x 2 connection modes"
+        " under gunicorn, each round as long as the app's 10 s TTL plus a warm-up: about 5"
+        " minutes of the run, and issue 15's callgrind section (valgrind runs five"
+        " interpreters) about one more; --quick leaves both out",
 }
 
 

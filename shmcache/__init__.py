@@ -1,7 +1,7 @@
 """shmcache: a session cache shared by every worker process on one host.
 
-A fixed-size hash table in a named POSIX shared-memory segment, guarded by a semaphore that
-survives the death of its holder, behind the ``SessionCache`` protocol of the seed app, so
+A fixed-size hash table in a named POSIX shared-memory segment, guarded by a lock inside it
+that the kernel frees when its holder dies, behind the ``SessionCache`` protocol of the seed app, so
 that a logout seen by one gunicorn worker is seen by all.
 
 Beyond one host, ``RedisSessionCache``, ``DatabaseSessionCache`` (SQLite or PostgreSQL) and

@@ -21,11 +21,11 @@ class InvalidType(ShmCacheError, TypeError):
 
 
 class SegmentExists(ShmCacheError, FileExistsError):
-    """``create`` found the segment's or the semaphore's name already taken."""
+    """``create`` found the segment's name already taken."""
 
 
 class SegmentNotFound(ShmCacheError, FileNotFoundError):
-    """``attach`` found no segment (or no semaphore) by that name."""
+    """``attach`` found no segment by that name."""
 
 
 class SegmentPermissionError(ShmCacheError, PermissionError):
@@ -45,9 +45,10 @@ class IncompatibleSegment(ShmCacheError):
 
 
 class SecretMismatch(IncompatibleSegment):
-    """A Redis prefix is already in use with another secret (its stored fingerprint is not
-    this client's): hosts that share a prefix must share the secret, or a logout on one
-    would not reach the others. The message names the prefix, never a secret."""
+    """A Redis prefix (or a database table) is already in use with another secret (its
+    stored fingerprint is not this client's): hosts that share a prefix must share the
+    secret, or a logout on one would not reach the others. The message names the prefix
+    (the table), never a secret."""
 
 
 class SegmentCorrupted(ShmCacheError):

@@ -2,7 +2,7 @@
 
     memory://                          InMemorySessionCache (one process; the seed's cache)
     noop://                            NoOpSessionCache (caching off)
-    shm://NAME?capacity=65536&value_size=256&lock_timeout=1
+    shm://NAME?capacity=65536&value_size=256&lock_timeout=1&lease_timeout=10
                                        SharedMemorySessionCache, created if missing, else
                                        attached
     redis://[user:password@]host:6379/0?prefix=shmcache:&timeout=1&fail_open=false
@@ -11,10 +11,11 @@
     redis+sentinel://host:26379[,host:26380...]/SERVICE[/db]   rediss+sentinel://...
     valkey://... (and each form above with valkey for redis: the valkey-py client)
                                        RedisSessionCache; every Redis form also takes
-                                       min_replicas=N&replica_timeout=0.5
+                                       min_replicas=N&replica_timeout=0.5&lease_timeout=10
     shm+redis://host:6379/0?shm=NAME&capacity=65536&value_size=256&max_staleness=1
     shm+ + any Redis form above (shm+rediss://, shm+unix://, shm+redis+cluster://...)
                                        TieredSessionCache: the shm table in front of Redis
+                                       (lease_timeout applies to both tiers)
     sqlite:////abs/path.db  postgresql://user@host/db  postgres://...
     shm+postgresql://user@host/db?shm=NAME&value_size=1024&max_staleness=1
                                        DatabaseSessionCache, and the shm table in front of
@@ -55,7 +56,9 @@ _REDIS_PARAMS = {
     "fail_open": bool,
     "min_replicas": int,
     "replica_timeout": float,
+    "lease_timeout": float,
 }
+_LEASE_PARAM = {"lease_timeout": float}  # seconds a miss's lease lives (issue 11)
 _TIER_PARAMS = {"shm": str, "max_staleness": float, "subscribe": bool}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -108,8 +111,10 @@ def _open_shm(url: str, options: dict[str, Any]) -> SessionCache:
     name = parts.netloc or parts.path.lstrip("/")
     if not name or (parts.netloc and parts.path not in ("", "/")):
         raise InvalidArgument(f"{redact(url)!r}: write the segment name as shm://NAME")
-    settings = {**_params(url, _SHM_PARAMS), **options}
-    _check_options(url, settings, {*_SHM_PARAMS, "codec", "clock", "user_id_of"})
+    settings = {**_params(url, {**_SHM_PARAMS, **_LEASE_PARAM}), **options}
+    _check_options(
+        url, settings, {*_SHM_PARAMS, *_LEASE_PARAM, "codec", "clock", "user_id_of"}
+    )
     return _shm_create_or_attach(name, settings)
 
 
@@ -137,6 +142,8 @@ def _open_tiered(url: str, options: dict[str, Any]) -> SessionCache:
     shm_settings: dict[str, Any] = {
         k: settings.pop(k) for k in (*_SHM_PARAMS, "codec") if k in settings
     }
+    if "lease_timeout" in settings:  # both tiers: the local one keeps leases of its own
+        shm_settings["lease_timeout"] = settings["lease_timeout"]
     # user_id_of is the tiered cache's: it hands each tier the user explicitly.
     tier_settings: dict[str, Any] = {
         k: settings.pop(k) for k in ("max_staleness", "subscribe", "user_id_of") if k in settings
@@ -178,7 +185,9 @@ def _shm_create_or_attach(name: str, settings: dict[str, Any]) -> SharedMemorySe
     capacity = settings.get("capacity")
     value_size = settings.get("value_size")
     common = {
-        k: settings[k] for k in ("codec", "clock", "lock_timeout", "user_id_of") if k in settings
+        k: settings[k]
+        for k in ("codec", "clock", "lock_timeout", "user_id_of", "lease_timeout")
+        if k in settings
     }
     # Processes starting together (uvicorn --workers) all land on the creator's segment.
     cache = create_or_attach(

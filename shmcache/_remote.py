@@ -14,6 +14,7 @@ they return), which is what ``RemoteTier`` spells out.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -24,6 +25,17 @@ from ._protocol import UserIdOf
 
 Listener = Callable[[], None]  # told that the shared secret changed (called outside locks)
 Found = tuple[Any, float, str, "str | None"]  # session, seconds left, key hash, owner hash
+
+
+class LeaseDropped(Exception):
+    """Raised by a remote's ``store`` that did not write because this thread's lease on the
+    token was void (a logout since its miss, or the lease expired: ``shmcache/_leases.py``);
+    the remote has also deleted any entry of the token. ``key`` is the token's key hash.
+    Never reaches the caller of ``set``: the backends catch it (a dropped set returns)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"set of key hash {key} not stored: its lease is void")
+        self.key = key
 
 
 @runtime_checkable
@@ -37,6 +49,12 @@ class RemoteTier(Protocol):
     returning ``None`` or a dict with ``"type"`` (``"subscribe"``, ``"message"``) and
     ``"data"`` (bytes), and ``close()``; a lost connection raises one of
     ``unavailable_errors``.
+
+    Leases (``shmcache/_leases.py``), in the remote: a ``lookup`` that finds nothing (or
+    cannot reach the store) gives the calling thread a lease on the token; the thread's next
+    ``store`` of it raises ``LeaseDropped`` instead of writing if a logout of the token, of
+    its user, or a clear came since, or the lease expired. ``TieredSessionCache`` then drops
+    its local copy too, so the lease holds end to end.
     """
 
     @property
@@ -77,7 +95,7 @@ class RemoteTier(Protocol):
     def close(self) -> None: ...
 
 
-class RemoteSessionCache(ClosesOnExit):
+class RemoteSessionCache(ClosesOnExit, ABC):
     """The ``SessionCache`` front of a remote backend, on top of its primitives.
 
     Subclasses set ``_fail_open``, ``_user_id_of`` and ``_closed`` and implement
@@ -125,6 +143,8 @@ class RemoteSessionCache(ClosesOnExit):
         self._ensure_open()
         try:
             self.store(token, session, ttl, user)
+        except LeaseDropped:
+            pass  # counted by store(); the racing request may still use its session
         except CacheUnavailable:
             if not self._fail_open:
                 raise
@@ -147,19 +167,23 @@ class RemoteSessionCache(ClosesOnExit):
 
     # -- primitives (subclasses) ---------------------------------------------------------
 
+    @abstractmethod
     def lookup(self, token: str) -> Found | None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def store(
         self, token: str, session: Any, ttl: float, user: str | None = None
     ) -> tuple[str, str | None]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def remove(self, token: str) -> str:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def revoke(self, user: str) -> tuple[int, str]:
-        raise NotImplementedError
+        ...
 
     # -- shared helpers ------------------------------------------------------------------
 

@@ -17,11 +17,11 @@ that every worker, forked or spawned, finds the same segment.
 Why each hook:
 
 * ``on_starting`` (master, once): create the segment, so forked workers inherit the mapping
-  and semaphore, even after dropping privileges. With ``preload_app`` or without.
+  (and the lock inside it), even after dropping privileges. With ``preload_app`` or without.
 * ``child_exit`` (master, after every worker exit, SIGKILL included): a worker killed by
   the timeout while it held the lock would make the others wait for the lock's own dead-owner
   detection; the master frees it at once and verifies the slot the worker was writing.
-* ``on_exit`` (master, at shutdown): remove the names, unless another master (a binary
+* ``on_exit`` (master, at shutdown): remove the name, unless another master (a binary
   upgrade) adopted the segment in the meantime.
 """
 
@@ -45,7 +45,7 @@ from ._errors import (
 from ._protocol import UserIdOf
 from .codecs import Codec
 from .shm.cache import SharedMemorySessionCache
-from .shm.segment import normalize_name, unlink_names
+from .shm.segment import normalize_name, unlink_name
 from .shm.startup import attach_when_ready, create_or_attach
 
 log = logging.getLogger("shmcache.gunicorn")
@@ -121,10 +121,11 @@ def _open_in_master(name: str) -> SharedMemorySessionCache:
     try:
         cache = attach_when_ready(name, **options)
     except (IncompatibleSegment, SegmentNotFound) as exc:
-        # Another layout version, or half a pair of names left by a crash: never share
-        # those. Take the name over; processes still mapping the old segment keep it.
+        # Another layout version, or a segment whose creator died making it: never share
+        # those. Take the name over (and an older version's semaphore beside it); processes
+        # still mapping the old segment keep it.
         log.warning("shmcache: replacing segment %r (%s)", name, exc)
-        unlink_names(name)
+        unlink_name(name, os.geteuid())
         return SharedMemorySessionCache.create(name, capacity, value_size, **options)
     if cache.capacity != capacity or cache.value_size != value_size:
         log.warning(
@@ -176,7 +177,7 @@ def child_exit(server: Any, worker: Any) -> None:
 
 
 def on_exit(server: Any) -> None:
-    """gunicorn hook (master, shutdown): remove the names unless another master adopted them."""
+    """gunicorn hook (master, shutdown): remove the name unless another master adopted them."""
     global _cache
     with _guard:
         cache, _cache = _cache, None

@@ -23,6 +23,11 @@ sessions and publishes the user's hash (``b"u:<hash>"``) in one transaction, and
 host's subscriber drops that user's local copies (``invalidate_by_user`` on the local tier,
 whose entries are filed under the same hash); a copy that missed the message still dies S
 seconds after the Redis read that made it, and that read began before the revocation.
+
+Leases (``shmcache/_leases.py``) live in the remote: a ``get`` that misses on both tiers
+takes the lease there, and a ``set`` the remote drops (a logout since, on any host) drops
+this host's copy and stores nothing locally. The local tier's own leases on key hashes keep
+a copy read from Redis out of the table if its invalidation was applied during the read.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from . import _args
 from ._closing import ClosesOnExit
 from ._errors import CacheUnavailable, InvalidArgument, InvalidType
 from ._protocol import SessionCache, UserIdOf, UserSessionCache
-from ._remote import RemoteTier
+from ._remote import LeaseDropped, RemoteTier
 from ._subscription import SilentLink, Subscriber, Subscription
 
 Clock = Callable[[], float]
@@ -123,6 +128,7 @@ class TieredSessionCache(ClosesOnExit):
         self._messages = 0
         self._resubscribes = 0
         self._silent_links = 0
+        self._lease_drops = 0
         remote.add_secret_listener(self._secret_changed)
         _instances.add(self)
 
@@ -175,7 +181,8 @@ class TieredSessionCache(ClosesOnExit):
         self, token: str, session: Any, ttl_seconds: float, *, user_id: str | int | None = None
     ) -> None:
         """Write ``session`` to Redis, filed under ``user_id`` (or ``user_id_of(session)``),
-        then to the host's table for at most S seconds."""
+        then to the host's table for at most S seconds; to neither, dropping this host's
+        copy, if a logout came since this thread's miss of ``token`` (leases)."""
         ttl = _args.check_set_args(token, ttl_seconds)
         if user_id is None and self._user_id_of is not None:
             user_id = self._user_id_of(session)
@@ -184,6 +191,11 @@ class TieredSessionCache(ClosesOnExit):
             self._start_subscriber()
         try:
             key, owner = self._remote.store(token, session, ttl, user)
+        except LeaseDropped as dropped:  # the remote deleted its entry: so does this host
+            self._lease_drops += 1
+            self._remember(token, dropped.key)
+            self._local.invalidate(dropped.key)
+            return
         except CacheUnavailable:
             if not self._remote.fail_open:
                 raise
@@ -313,6 +325,7 @@ class TieredSessionCache(ClosesOnExit):
             "messages": self._messages,
             "resubscribes": self._resubscribes,
             "silent_links": self._silent_links,
+            "lease_drops": self._lease_drops,
             "subscribed": self.subscribed,
             "local": local_stats() if callable(local_stats) else {},
             "remote": self._remote.stats(),

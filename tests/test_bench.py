@@ -128,16 +128,15 @@ def test_every_missed_target_is_explained_in_one_line(
     """Issue 12: the README showed five MISSED targets with no word beside them."""
     from bench import report, targets
 
-    # As a full run: its run-time target is judged only in --full (and --quick) runs.
-    full = dict(smoke[0], meta={**smoke[0]["meta"], "mode": "full"})
-    names = {t["name"] for t in targets.evaluate(full)}
-    assert set(targets.WHY_MISSED) <= names  # no explanation of a target that is gone
-    forced = [dict(t, met=False) for t in targets.evaluate(full)]
+    names = {t["name"] for t in targets.evaluate(smoke[0])}
+    full_only = {"full run time"}  # judged by a full run only, not by this smoke run
+    assert set(targets.WHY_MISSED) <= names | full_only  # none for a target that is gone
+    forced = [dict(t, met=False) for t in targets.evaluate(smoke[0])]
     for t in forced:  # whatever a run misses, the generated table says why
         t["why"] = targets.WHY_MISSED.get(t["name"], "")
     rows = report.targets_table(forced)[2]
     explained = {r[0] for r in rows if r[4]}
-    assert explained == set(targets.WHY_MISSED)
+    assert explained == set(targets.WHY_MISSED) - full_only
     assert all("\n" not in why and "|" not in why for why in targets.WHY_MISSED.values())
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     table = readme[readme.index("**Targets (issues 4, 11 and 15)**"):].split("\n\n")[1]
@@ -296,11 +295,14 @@ def test_real_app_options_are_checked(args: list[str], message: str) -> None:
 @pytest.fixture(scope="module")
 def goals_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Issue 11's goals on the real app: the seed's cache, hash-only and value mode, in one
-    run (rounds of 3 s, far shorter than the TTL: every user starts cold in every worker)."""
+    run. The app's TTL is shortened to 1 s so that a 1.5 s warm-up reaches the steady state
+    and a 4 s round spans four TTLs: each figure is then the caches' steady work, not what
+    an earlier variant left in them."""
     out = tmp_path_factory.mktemp("bench-goals")
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--only", "app", "--app-seconds", "3",
-         "--app-caches", "inmemory,shm,shm-512", "--no-plots", "--out", str(out)],
+        [sys.executable, "-m", "bench", "--smoke", "--only", "app", "--app-seconds", "4",
+         "--app-warmup", "1.5", "--app-ttl", "1", "--app-caches", "inmemory,shm,shm-512",
+         "--no-plots", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -312,19 +314,26 @@ def goals_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_real_app_meets_issue_11_validation_goals(
     goals_run: dict[str, Any], dependency: str
 ) -> None:
-    """Database validations per 1000 requests, new connection per request (the kernel
-    spreads each user's requests over the 4 workers), against the seed's cache in the same
-    run: hash-only at most 1.5x (it was 17-26x before equal sets kept other workers'
-    copies), value mode at most 0.5x (one worker validates, all read). Ratios of counts,
-    no clock."""
-    def per_1000(key: str) -> float:
-        v = goals_run["caches"][key]["variants"][dependency]["close"]
-        return float(v["validations_per_1000"])
+    """Database validations, new connection per request (the kernel spreads each user's
+    requests over the 4 workers), against the seed's cache in the same run: hash-only at
+    most 1.5x (it was 17-26x before equal sets kept other workers' copies), value mode at
+    most 0.5x (one worker validates, all read), and no stale acceptance.
 
-    seed = per_1000("inmemory")
-    assert seed > 0
-    assert per_1000("shm") <= 1.5 * seed, (per_1000("shm"), seed)
-    assert per_1000("shm-512") <= 0.5 * seed, (per_1000("shm-512"), seed)
+    Validations follow the clock (a user is revalidated once its TTL runs out), requests
+    follow the load, and on a shared 2-core machine the load of two servers differs by up
+    to 2x: so the ratio compared is validations per user per TTL (the same as issue 11's
+    "per 1000 requests" ratio at equal throughput, which the README's run reports)."""
+    ttl, users = goals_run["ttl"], goals_run["users"]
+
+    def per_user_ttl(key: str) -> float:
+        v = goals_run["caches"][key]["variants"][dependency]["close"]
+        seconds = v["requests"] / v["rps"]
+        return float(v["counted"]["db_found"]) / (users * seconds / ttl)
+
+    seed = per_user_ttl("inmemory")
+    assert seed > 1.0  # each worker validates each user about once per TTL
+    assert per_user_ttl("shm") <= 1.5 * seed, (per_user_ttl("shm"), seed)
+    assert per_user_ttl("shm-512") <= 0.5 * seed, (per_user_ttl("shm-512"), seed)
     for key in ("shm", "shm-512"):
         stale = goals_run["caches"][key]["variants"][dependency]["close"]["stale"]
         assert stale["accepted_after_logout"] == 0, (key, stale)

@@ -1,8 +1,10 @@
 """The SessionCache contract, run against every backend, then SharedMemorySessionCache specifics.
 
 To add a backend (Redis...), add a factory to ``BACKENDS``: it takes the test's clock, a
-name factory and keyword options for the cache (``user_id_of``) and returns a cache object;
-the ``cache`` fixture closes it afterwards if it has a ``close`` method.
+name factory and keyword options for the cache (``user_id_of``, ``lease_timeout``) and
+returns a cache object; the ``cache`` fixture closes it afterwards if it has a ``close``
+method. A backend that keeps issue 11's leases also goes into ``LEASES``, with how another
+process opens the same store (the lease tests run on those backends only).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import mmap
 import pickle
 import struct
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -34,6 +38,7 @@ from shmcache import (
     SharedMemorySessionCache,
     ShmCacheError,
     TieredSessionCache,
+    open_cache,
 )
 from shmcache._protocol import UserSessionCache
 
@@ -61,6 +66,38 @@ def _valkey(clock: Any, make_name: Callable[[], str], **options: Any) -> Any:
     return RedisSessionCache(url, prefix=make_name() + ":", clock=clock, **options)
 
 
+def _shm_redis(clock: Any, make_name: Callable[[], str], **options: Any) -> TieredSessionCache:
+    # S is large here so that expiry is the TTL's; tests/test_tiered.py tests S itself.
+    # lease_timeout is each tier's (the remote's leases are the ones that span hosts).
+    leases = {k: options.pop(k) for k in ("lease_timeout",) if k in options}
+    return TieredSessionCache(
+        remote=_redis(clock, make_name, **leases),  # first: it fails without a Redis server
+        local=SharedMemorySessionCache.create(
+            make_name(), capacity=256, value_size=256, clock=clock, **leases
+        ),
+        max_staleness=3600,
+        subscribe=False,
+        clock=clock,
+        **options,
+    )
+
+
+def _shm_postgresql(
+    clock: Any, make_name: Callable[[], str], **options: Any
+) -> TieredSessionCache:
+    leases = {k: options.pop(k) for k in ("lease_timeout",) if k in options}  # both tiers'
+    return TieredSessionCache(
+        remote=_pg_support.pg_cache(clock, make_name, **leases),
+        local=SharedMemorySessionCache.create(
+            make_name(), capacity=256, value_size=256, clock=clock, **leases
+        ),
+        max_staleness=3600,
+        subscribe=False,
+        clock=clock,
+        **options,
+    )
+
+
 BACKENDS: dict[str, Factory] = {
     "inmemory": lambda clock, make_name, **options: InMemorySessionCache(clock=clock, **options),
     "redis": _redis,
@@ -69,37 +106,74 @@ BACKENDS: dict[str, Factory] = {
     "redis-secret": lambda clock, make_name, **options: _redis(
         clock, make_name, secret=b"contract-suite-secret-0123456789", **options
     ),
-    # S is large here so that expiry is the TTL's; tests/test_tiered.py tests S itself.
-    "shm+redis": lambda clock, make_name, **options: TieredSessionCache(
-        remote=_redis(clock, make_name),  # first: it fails without a Redis server
-        local=SharedMemorySessionCache.create(
-            make_name(), capacity=256, value_size=256, clock=clock
-        ),
-        max_staleness=3600,
-        subscribe=False,
-        clock=clock,
-        **options,
-    ),
+    "shm+redis": _shm_redis,
     "sqlite": _pg_support.sqlite_cache,
     "postgresql": _pg_support.pg_cache,
     "postgresql-secret": lambda clock, make_name, **options: _pg_support.pg_cache(
         clock, make_name, secret=b"contract-suite-secret-0123456789", **options
     ),
-    "shm+postgresql": lambda clock, make_name, **options: TieredSessionCache(
-        remote=_pg_support.pg_cache(clock, make_name),
-        local=SharedMemorySessionCache.create(
-            make_name(), capacity=256, value_size=256, clock=clock
-        ),
-        max_staleness=3600,
-        subscribe=False,
-        clock=clock,
-        **options,
-    ),
+    "shm+postgresql": _shm_postgresql,
     "shm-hash": lambda clock, make_name, **options: SharedMemorySessionCache.create(
         make_name(), capacity=256, clock=clock, **options
     ),
     "shm-value": lambda clock, make_name, **options: SharedMemorySessionCache.create(
         make_name(), capacity=256, value_size=256, clock=clock, **options
+    ),
+}
+
+
+PeerUrl = Callable[[Any, Callable[[], str]], "tuple[str, dict[str, Any]]"]
+
+
+def _redis_peer(url: Callable[[], str], **options: Any) -> PeerUrl:
+    def peer(cache: Any, make_name: Callable[[], str]) -> tuple[str, dict[str, Any]]:
+        return f"{url()}?prefix={cache.stats()['prefix']}", options
+
+    return peer
+
+
+def _shm_redis_peer(cache: Any, make_name: Callable[[], str]) -> tuple[str, dict[str, Any]]:
+    # Another host: its own segment in front of the same Redis prefix.
+    prefix = cache.remote.stats()["prefix"]
+    url = _redis_support.shared_server().url
+    return (
+        f"shm+{url}?prefix={prefix}&shm={make_name()}&capacity=256&value_size=256"
+        "&max_staleness=3600&subscribe=false",
+        {},
+    )
+
+
+def _pg_peer(**options: Any) -> PeerUrl:
+    def peer(cache: Any, make_name: Callable[[], str]) -> tuple[str, dict[str, Any]]:
+        # the shared server's URL already has a query (host=, port=)
+        return f"{_pg_support.shared_server().url()}&table={cache._store.table}", options
+
+    return peer
+
+
+# The backends that keep issue 11's leases (a set after a miss is not stored if a logout of
+# the token, of its user, or a clear returned in between), each with the open_cache URL and
+# options by which another process reaches the same store. A backend joins the lease tests
+# by an entry here.
+LEASES: dict[str, PeerUrl] = {
+    "shm-hash": lambda cache, make_name: (f"shm://{cache.name}", {}),
+    "shm-value": lambda cache, make_name: (f"shm://{cache.name}", {}),
+    "redis": _redis_peer(lambda: _redis_support.shared_server().url),
+    "redis-secret": _redis_peer(
+        lambda: _redis_support.shared_server().url, secret=b"contract-suite-secret-0123456789"
+    ),
+    "redis-cluster": _redis_peer(lambda: _redis_topologies.shared_cluster().url()),
+    "valkey": _redis_peer(lambda: _redis_topologies.shared_valkey().url),
+    "shm+redis": _shm_redis_peer,
+    "sqlite": lambda cache, make_name: (
+        f"sqlite:///{cache._store.path}?table={cache._store.table}", {}
+    ),
+    "postgresql": _pg_peer(),
+    "postgresql-secret": _pg_peer(secret=b"contract-suite-secret-0123456789"),
+    "shm+postgresql": lambda cache, make_name: (
+        f"shm+{_pg_support.shared_server().url()}&table={cache.remote._store.table}"
+        f"&shm={make_name()}&capacity=256&value_size=256&max_staleness=3600&subscribe=false",
+        {},
     ),
 }
 
@@ -371,6 +445,282 @@ def test_noop_cache_users() -> None:
     for bad in (True, 1.5, None, ""):
         with pytest.raises((TypeError, ValueError)):
             noop.invalidate_by_user(bad)
+
+
+# -- leases: a validation that raced a logout never puts the token back (issue 11) -------------
+
+
+class LeaseBed:
+    """One lease test's caches: the cache under test, peers in this process (another
+    worker's object on the same store) and hosts in other processes; all closed after."""
+
+    def __init__(self, backend: str, clock: Any, make_name: Callable[[], str]) -> None:
+        self.backend = backend
+        self.clock = clock
+        self.make_name = make_name
+        self.made: list[Any] = []
+        self.hosts: list[_redis_support.Host] = []
+
+    def cache(self, **options: Any) -> Any:
+        self.made.append(BACKENDS[self.backend](self.clock, self.make_name, **options))
+        return self.made[-1]
+
+    def peer(self, cache: Any) -> Any:
+        url, options = LEASES[self.backend](cache, self.make_name)
+        self.made.append(open_cache(url, clock=self.clock, **options))
+        return self.made[-1]
+
+    def host(self, cache: Any) -> _redis_support.Host:
+        """Another process with the same store (spawned; its own clock: the real one)."""
+        url, options = LEASES[self.backend](cache, self.make_name)
+        self.hosts.append(_redis_support.Host(url, **options))
+        return self.hosts[-1]
+
+    def close(self) -> None:
+        for host in self.hosts:
+            host.stop()
+        for c in self.made:
+            c.close()
+
+
+@pytest.fixture(params=sorted(LEASES))
+def leases(
+    request: pytest.FixtureRequest, clock: Any, make_name: Callable[[], str]
+) -> Iterator[LeaseBed]:
+    bed = LeaseBed(str(request.param), clock, make_name)
+    yield bed
+    bed.close()
+
+
+SESSION = {"user": "alice", "device": "phone"}
+LOGOUTS: dict[str, Callable[[Any], Any]] = {
+    "invalidate": lambda c: c.invalidate("tok"),
+    "invalidate_by_user": lambda c: c.invalidate_by_user("alice"),
+    "clear": lambda c: c.clear(),
+}
+
+
+def _in_thread(fn: Callable[[], Any]) -> None:
+    """Run ``fn`` in another thread and wait for it (a logout by another request)."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+@pytest.mark.parametrize("logout", sorted(LOGOUTS))
+def test_lease_a_logout_since_the_miss_drops_the_set(leases: LeaseBed, logout: str) -> None:
+    cache = leases.cache()
+    peer = leases.peer(cache)
+    assert cache.get("tok") is None  # the validation misses...
+    _in_thread(lambda: LOGOUTS[logout](peer))  # ...the user logs out elsewhere...
+    cache.set("tok", SESSION, 60, user_id="alice")  # ...and its set lands after
+    assert cache.get("tok") is None
+    assert peer.get("tok") is None
+    assert cache.stats()["lease_drops"] == 1
+    # The dropped set left no lease behind: the next miss and set (no logout since) store.
+    cache.set("tok", SESSION, 60, user_id="alice")
+    assert cache.get("tok") == SESSION
+
+
+def test_lease_without_a_logout_the_set_is_stored(leases: LeaseBed) -> None:
+    cache = leases.cache()
+    peer = leases.peer(cache)
+    cache.set("bystander", "b", 60, user_id="bob")
+    assert cache.get("tok") is None
+    assert peer.get("tok") is None  # a miss elsewhere is not a logout
+    cache.set("tok", SESSION, 60, user_id="alice")
+    assert cache.get("tok") == SESSION
+    assert peer.get("tok") in (None, SESSION)  # None: hash-only mode, a copy per process
+    assert cache.stats()["lease_drops"] == 0
+
+
+def test_lease_a_set_with_no_miss_before_is_stored(leases: LeaseBed) -> None:
+    """A fresh login after a logout is cached, and a lease covers one token only."""
+    cache = leases.cache()
+    peer = leases.peer(cache)
+    cache.set("tok", "old", 60, user_id="alice")
+    peer.invalidate("tok")
+    peer.invalidate_by_user("alice")
+    peer.clear()
+    cache.set("tok", SESSION, 60, user_id="alice")  # no get before it
+    assert cache.get("tok") == SESSION
+    assert cache.get("other") is None  # a lease on "other"...
+    peer.invalidate("other")
+    cache.set("tok", "new", 60)  # ...says nothing of "tok"
+    assert cache.get("tok") == "new"
+    assert cache.stats()["lease_drops"] == 0
+
+
+def test_lease_is_the_thread_s_own(leases: LeaseBed) -> None:
+    """Thread A missed; after a logout, this thread's set (no miss of its own: a fresh
+    login) is stored; A's late set is then dropped and takes that entry with it, so no
+    older copy stays (the token is a miss everywhere, the next request validates)."""
+    cache = leases.cache()
+    peer = leases.peer(cache)
+    with _RequestThread() as a:
+        assert a(lambda: cache.get("tok")) is None  # request A misses, validates slowly
+        peer.invalidate("tok")
+        cache.set("tok", "B's login", 60)  # request B, in another thread
+        assert cache.get("tok") == "B's login"
+        assert a(lambda: cache.set("tok", "A's late set", 60)) is None
+    assert cache.get("tok") is None
+    assert peer.get("tok") is None
+
+
+class _RequestThread:
+    """One long-lived thread that runs the calls given to it in turn (a server's worker
+    thread, serving one request after another): its leases stay between calls."""
+
+    def __init__(self) -> None:
+        self._calls: list[Callable[[], Any]] = []
+        self._ready = threading.Condition()
+        self._done: list[tuple[bool, Any]] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def __call__(self, fn: Callable[[], Any]) -> Any:
+        with self._ready:
+            self._calls.append(fn)
+            self._ready.notify_all()
+            assert self._ready.wait_for(lambda: bool(self._done), 30)
+            ok, result = self._done.pop()
+        if not ok:
+            raise result
+        return result
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                self._ready.wait_for(lambda: bool(self._calls))
+                fn = self._calls.pop()
+            if fn is _STOP:
+                return
+            try:
+                outcome = (True, fn())
+            except BaseException as exc:
+                outcome = (False, exc)
+            with self._ready:
+                self._done.append(outcome)
+                self._ready.notify_all()
+
+    def __enter__(self) -> _RequestThread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._ready:
+            self._calls.append(_STOP)
+            self._ready.notify_all()
+        self._thread.join(30)
+
+
+def _STOP() -> None:
+    pass
+
+
+def test_lease_own_invalidate_voids_it(leases: LeaseBed) -> None:
+    """The logout may come from the same object, even the same thread."""
+    cache = leases.cache()
+    assert cache.get("tok") is None
+    cache.invalidate("tok")
+    cache.set("tok", SESSION, 60)
+    assert cache.get("tok") is None
+
+
+def test_lease_expires(leases: LeaseBed, clock: Any) -> None:
+    """A set more than lease_timeout after its miss is not cached (default 10 s); the first
+    miss is the one that counts."""
+    cache = leases.cache()
+    peer = leases.peer(cache)
+    assert cache.get("tok") is None
+    clock.now = START + 9.9
+    cache.set("tok", SESSION, 60)
+    assert cache.get("tok") == SESSION
+    assert cache.get("late") is None
+    clock.now += 10
+    cache.set("late", SESSION, 60)
+    assert cache.get("late") is None
+    assert peer.get("late") is None
+    assert cache.get("again") is None
+    clock.now += 6
+    assert cache.get("again") is None  # still the first miss's lease
+    clock.now += 4
+    cache.set("again", SESSION, 60)
+    assert cache.get("again") is None
+    assert cache.stats()["lease_drops"] == 2
+
+
+def test_lease_timeout_option(leases: LeaseBed, clock: Any) -> None:
+    cache = leases.cache(lease_timeout=2)
+    assert cache.get("tok") is None
+    clock.now = START + 1.9
+    cache.set("tok", SESSION, 60)
+    assert cache.get("tok") == SESSION
+    assert cache.get("late") is None
+    clock.now += 2
+    cache.set("late", SESSION, 60)
+    assert cache.get("late") is None
+
+
+def test_lease_provoked_race_with_a_logout_in_another_process(
+    leases: LeaseBed, make_name: Callable[[], str]
+) -> None:
+    """The race of the issue through the public API: a validation misses, reads the session
+    "from the database", sleeps, and sets it; while it sleeps another process logs the
+    user out (each kind of logout in turn). The late set must not make the token a hit:
+    not here, not in another worker, not in the other process. Real clocks (the other
+    process has its own)."""
+    leases.clock = time.monotonic
+    cache = leases.cache()
+    peer = leases.peer(cache)
+    host = leases.host(cache)
+    for kind, logout in [
+        ("invalidate", ("invalidate", "tok")),
+        ("invalidate_by_user", ("invalidate_by_user", "alice")),
+        ("clear", ("clear",)),
+    ]:
+        request = _Validation(cache)
+        assert request.read.wait(30)  # it has the session row, and is about to sleep
+        host(*logout)  # returns once the logout returned in the other process
+        request.logged_out.set()  # the validation wakes up and sets
+        request.join(30)
+        assert request.results == [None], kind
+        assert peer.get("tok") is None, kind
+        assert host("get", "tok") is None, kind
+        # A later fresh login of the token is cached again.
+        cache.set("tok", SESSION, 60, user_id="alice")
+        assert cache.get("tok") == SESSION
+        cache.invalidate("tok")
+
+
+class _Validation(threading.Thread):
+    """The auth dependency of the issue's app: ``get``; on a miss, read the session row,
+    sleep (until ``logged_out``), ``set``; then ``get`` again into ``results``."""
+
+    def __init__(self, cache: Any) -> None:
+        super().__init__(daemon=True)
+        self.cache = cache
+        self.read = threading.Event()
+        self.logged_out = threading.Event()
+        self.results: list[Any] = []
+        self.start()
+
+    def run(self) -> None:
+        if self.cache.get("tok") is None:
+            session = dict(SESSION)  # SELECT ... FROM sessions WHERE token = ...
+            self.read.set()
+            self.logged_out.wait(30)  # the slow part of the validation
+            self.cache.set("tok", session, 60, user_id="alice")
+        self.results.append(self.cache.get("tok"))
 
 
 # -- SharedMemorySessionCache specifics -------------------------------------------------------

@@ -259,10 +259,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--value-size", type=_int_between(0, MAX_VALUE_SIZE), default=0,
                    metavar="N", help="bytes of encoded session kept per entry (default 0)")
     p.add_argument("--mode", type=_mode, default=0o600,
-                   help="octal permission bits of both names (default 600)")
+                   help="octal permission bits of the segment (default 600)")
     p.add_argument("--allow-writable-by-others", action="store_true",
                    help="allow a --mode that lets group or others write it")
-    p = command("unlink", "remove a segment's names (attached processes keep it)", cmd_unlink)
+    p = command("unlink", "remove a segment's name (attached processes keep it)", cmd_unlink)
     owner_flag(p, "remove a segment owned by this user or uid (default: yourself)")
     p.add_argument("--force", action="store_true",
                    help="remove it even if it is not a whole shmcache segment")

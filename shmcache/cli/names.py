@@ -3,6 +3,10 @@
 They look at names and files before (or instead of) attaching; ``unlink`` applies the same
 owner and format checks as the commands that attach (issue 12: it used to remove another
 user's segment, and any file that merely started with the magic).
+
+A semaphore ``sem.NAME`` left by an older shmcache (README, "Administration"): ``list``
+never shows it (it is not a segment: no magic), ``unlink`` removes it with the segment, and
+``unlink --force`` removes it when it is all that is left of ``NAME``.
 """
 
 from __future__ import annotations
@@ -50,23 +54,32 @@ def cmd_create(args: argparse.Namespace) -> int:
 def cmd_unlink(args: argparse.Namespace) -> int:
     """The same checks as every other command before a name is removed: its owner
     (``--owner``) and that it is a whole shmcache segment (``--force`` removes anything
-    else of yours: half a pair left by a crash, another layout version, a stray file)."""
+    else of yours: a segment its creator died making, another layout version, a stray
+    file). An older shmcache's semaphore beside it goes too."""
     name = _segment.normalize_name(args.name)
-    present = []
-    for path in (_segment.segment_path(name), _segment.semaphore_path(name)):
-        with contextlib.suppress(FileNotFoundError):
-            present.append((path, os.lstat(path)))
-    if not present:
-        raise SegmentNotFound(f"no shmcache segment named {name!r} ({_segment.segment_path(name)})")
+    path = _segment.segment_path(name)
     expected = os.geteuid() if args.owner is None else args.owner
-    for path, st in present:
-        if st.st_uid != expected:
+    legacy = _segment.legacy_semaphore_path(name)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if not _segment.has_legacy_semaphore(name, expected):
+            raise SegmentNotFound(f"no shmcache segment named {name!r} ({path})") from None
+        if not args.force:
             raise CommandError(
-                f"refusing {path}: owned by {user_label(st.st_uid)}, not {user_label(expected)} "
-                "(--owner USER to remove another user's segment)"
-            )
-        if stat.S_ISDIR(st.st_mode):
-            raise CommandError(f"{path} is a directory, not a segment: not removing it")
+                f"no shmcache segment named {name!r}, only {legacy}, a semaphore left by an "
+                "older shmcache; not removing it (--force removes it)"
+            ) from None
+        _segment.remove_legacy_semaphore(name, expected)
+        print(f"removed {legacy}, a semaphore left by an older shmcache")
+        return 0
+    if st.st_uid != expected:
+        raise CommandError(
+            f"refusing {path}: owned by {user_label(st.st_uid)}, not {user_label(expected)} "
+            "(--owner USER to remove another user's segment)"
+        )
+    if stat.S_ISDIR(st.st_mode):
+        raise CommandError(f"{path} is a directory, not a segment: not removing it")
     if not args.force:
         try:
             # Whether others may write it does not matter here: nothing is read from it.
@@ -78,8 +91,10 @@ def cmd_unlink(args: argparse.Namespace) -> int:
                 f"{for_cli(str(exc))}; not removing it (--force removes it)"
             ) from None
         cache.close()
-    _segment.unlink_names(name)
-    print(f"unlinked {name} (processes attached keep their mapping until they exit)")
+    also = ""
+    if _segment.unlink_name(name, expected):
+        also = f"; also removed {legacy}, a semaphore left by an older shmcache"
+    print(f"unlinked {name} (processes attached keep their mapping until they exit){also}")
     return 0
 
 
@@ -90,7 +105,9 @@ def _segments() -> list[dict[str, Any]]:
     except OSError as exc:
         raise CommandError(f"cannot list {_segment.SHM_DIR}: {exc.strerror}") from None
     for entry in entries:
-        if entry.name.startswith("sem.") or not entry.is_file(follow_symlinks=False):
+        # No skipping by name: ``sem.NAME`` may be a segment of that name, and an older
+        # shmcache's semaphore there has no magic, so the check below leaves it out.
+        if not entry.is_file(follow_symlinks=False):
             continue
         st = entry.stat(follow_symlinks=False)
         row: dict[str, Any] = {"name": entry.name, "owner": st.st_uid, "size_bytes": st.st_size,
@@ -104,8 +121,7 @@ def _segments() -> list[dict[str, Any]]:
             continue
         fields = HEADER.unpack(head)
         row.update(version=fields[1], capacity=fields[3], value_size=fields[6],
-                   creator_pid=fields[10],
-                   semaphore=os.path.exists(_segment.semaphore_path(entry.name)))
+                   creator_pid=fields[10])
         with contextlib.suppress(KeyError):
             row["owner"] = pwd.getpwuid(st.st_uid).pw_name
         found.append(row)
@@ -121,9 +137,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"no shmcache segments in {_segment.SHM_DIR}")
         return 0
     print(f"{'NAME':<32} {'OWNER':<10} {'MODE':<5} {'BYTES':>12} {'CAPACITY':>10} "
-          f"{'VALUE':>6} {'CREATOR':>8} SEM")
+          f"{'VALUE':>6} {'CREATOR':>8}")
     for r in rows:
         print(f"{r['name']:<32} {r['owner']!s:<10} {r['mode']:<5} {r['size_bytes']:>12} "
-              f"{r['capacity']:>10} {r['value_size']:>6} {r['creator_pid']:>8} "
-              f"{'yes' if r['semaphore'] else 'MISSING'}")
+              f"{r['capacity']:>10} {r['value_size']:>6} {r['creator_pid']:>8}")
     return 0

@@ -3,8 +3,8 @@
 Whatever the caller did with them, the answer is one line on stderr or silence, never a
 traceback (issue 12: ``shmcache list --json | head -5`` ended in ``[Errno 32] Broken pipe``):
 
-* a descriptor 0-2 that is closed at start gets /dev/null, so no segment or semaphore that
-  the command opens later can take its number and receive its output;
+* a descriptor 0-2 that is closed at start gets /dev/null, so no segment that the command
+  opens later can take its number and receive its output;
 * a closed stdout (``shmcache reset NAME --yes >&-``) is refused before anything changes:
   nothing could say what was done;
 * a reader that goes away (``| head``) ends the command quietly with status 141, what a

@@ -14,14 +14,15 @@ from __future__ import annotations
 from typing import Any
 
 from .. import _args
-from .._errors import CacheUnavailable, InvalidArgument, InvalidType
+from .._errors import InvalidArgument, InvalidType
+from .._leases import DEFAULT_TIMEOUT as DEFAULT_LEASE_TIMEOUT
 from .._protocol import UserIdOf
 from ..codecs import Codec, JsonCodec, PickleCodec
 from .client import check_client, client_from_url, import_library
 from .keyring import Keyring
 from .keys import Keys
 from .link import Link
-from .store import Clock, RedisStore
+from .store import Clock, RedisStore, lease_ms
 
 _DEFAULT_TIMEOUT = 1.0  # seconds; the client libraries' own default is to wait forever
 _DEFAULT_REPLICA_TIMEOUT = 0.5  # seconds, for a client without a socket timeout
@@ -74,6 +75,16 @@ class RedisSessionCache(RedisStore):
     ``set(..., user_id=)`` (or ``user_id_of(session)``, if given, when ``user_id`` is not)
     files the session under its user, so that ``invalidate_by_user`` on any host drops all
     of that user's sessions at once. User ids reach Redis only as keyed hashes, like tokens.
+
+    Leases: if ``invalidate`` of a token (or ``invalidate_by_user`` of its user, or
+    ``clear``) returns on any host after a ``get`` of it missed in some thread and before
+    that thread's next ``set`` of it, that set is not stored (and deletes the token's entry):
+    a validation that raced a logout never puts the logged-out token back. A set with no
+    miss before it (a fresh login) is stored as always. A lease older than
+    ``lease_timeout`` seconds (default 10, on ``clock`` if given and on the server's clock)
+    is void: its set is not stored either. ``stats()["lease_drops"]`` counts this object's
+    dropped sets. Cost: no extra round trip; each logout keeps a mark of about 100 bytes in
+    Redis for ``lease_timeout`` + 1 s (``scripts.py`` has the design).
     """
 
     def __init__(
@@ -89,8 +100,10 @@ class RedisSessionCache(RedisStore):
         user_id_of: UserIdOf | None = None,
         min_replicas: int = 0,
         replica_timeout: float | None = None,
+        lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
     ) -> None:
         import_library()
+        lease_timeout = _args.positive_number("lease_timeout", lease_timeout)
         if user_id_of is not None and not callable(user_id_of):
             raise InvalidType(f"user_id_of must be callable, got {type(user_id_of).__name__}")
         if not isinstance(fail_open, bool):
@@ -128,8 +141,10 @@ class RedisSessionCache(RedisStore):
                 f"replica_timeout ({replica_timeout} s) must be shorter than the client's "
                 f"socket timeout ({socket_timeout} s), or WAIT outlasts the connection"
             )
-        keyring = Keyring(link, keys, secret)
-        super().__init__(link, keys, keyring, codec, clock, min_replicas, replica_timeout)
+        keyring = Keyring(link, keys, secret, lease_ms(lease_timeout))
+        super().__init__(
+            link, keys, keyring, codec, clock, min_replicas, replica_timeout, lease_timeout
+        )
         self._fail_open = fail_open
         self._user_id_of = user_id_of
         self._hits = 0
@@ -138,46 +153,11 @@ class RedisSessionCache(RedisStore):
 
     # -- the SessionCache protocol -------------------------------------------------------
 
-    def get(self, token: str) -> Any | None:
-        """The session cached for ``token``, or None; never raises because of what Redis
-        holds (a foreign, damaged or undecodable value is a miss)."""
-        _args.check_token(token)
-        self._ensure_open()
-        try:
-            found = self.lookup(token) if token else None
-        except CacheUnavailable:
-            if not self._fail_open:
-                raise
-            found = None
-        if found is None:
-            self._misses += 1
-            return None
-        self._hits += 1
-        return found[0]
-
-    def set(
-        self, token: str, session: Any, ttl_seconds: float, *, user_id: str | int | None = None
-    ) -> None:
-        """Cache ``session`` for ``ttl_seconds`` (a Redis expiry, millisecond precision),
-        filed under ``user_id`` (or ``user_id_of(session)``) if there is one. Re-setting a
-        token files it under its new user only."""
-        ttl = _args.check_set_args(token, ttl_seconds)
-        user = self.user_of(session, user_id)
-        self._ensure_open()
-        try:
-            self.store(token, session, ttl, user)
-        except CacheUnavailable:
-            if not self._fail_open:
-                raise
-
     def invalidate(self, token: str) -> None:
         """Delete ``token`` in Redis and announce it; raises ``CacheUnavailable`` rather
         than return without having deleted it (whatever ``fail_open`` says), or, with
         ``min_replicas``, before that many replicas have it."""
-        _args.check_token(token)
-        self._ensure_open()
-        if token:
-            self.remove(token)
+        super().invalidate(token)
 
     def invalidate_by_user(self, user_id: str | int) -> int:
         """Delete every session of ``user_id`` (compared by ``str()``) and announce it;
@@ -192,9 +172,7 @@ class RedisSessionCache(RedisStore):
         or wholly after it (it starts a new index that the next revoke finds). Cost: one
         command that holds Redis for its duration, O(sessions in the user's index).
         """
-        user = _args.user_key(user_id)
-        self._ensure_open()
-        return self.revoke(user)[0]
+        return super().invalidate_by_user(user_id)
 
     def clear(self) -> None:
         """Delete every session (and user index) under this prefix (SCAN + UNLINK on every
@@ -202,16 +180,6 @@ class RedisSessionCache(RedisStore):
         database); raises ``CacheUnavailable`` if Redis cannot be reached."""
         self.wipe()
 
-    def user_of(self, session: Any, user_id: object) -> str | None:
-        """The user a ``set`` files ``session`` under (``user_key`` form): ``user_id`` if
-        given, else ``user_id_of(session)``; ``InvalidType``/``InvalidArgument`` if bad."""
-        if user_id is None and self._user_id_of is not None:
-            user_id = self._user_id_of(session)
-        return None if user_id is None else _args.user_key(user_id)
-
-    @property
-    def fail_open(self) -> bool:
-        return self._fail_open
 
     # -- figures and lifetime ------------------------------------------------------------
 
@@ -225,6 +193,8 @@ class RedisSessionCache(RedisStore):
             "misses": self._misses,
             "unavailable": self._link.failures,
             "decode_errors": self._decode_errors,
+            "lease_drops": self._lease_drops,
+            "lease_timeout": self._leases.timeout,
             "fail_open": self._fail_open,
             "shared_secret": self._keyring.shared,
             "min_replicas": self._min_replicas,

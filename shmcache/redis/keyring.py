@@ -32,7 +32,9 @@ Listener = Callable[[], None]  # told that the shared secret changed (called out
 
 
 class Keyring:
-    def __init__(self, link: Link, keys: Keys, secret: bytes | str | None) -> None:
+    def __init__(
+        self, link: Link, keys: Keys, secret: bytes | str | None, lease_ms: int
+    ) -> None:
         if secret is None:
             self._fixed: Secret | None = None
         else:
@@ -45,6 +47,7 @@ class Keyring:
         self._keys = keys
         self._lock = threading.Lock()
         self._listeners: list[Listener] = []
+        self._lease_ms = str(lease_ms)
 
     @property
     def shared(self) -> bool:
@@ -56,8 +59,8 @@ class Keyring:
         return self._secret
 
     def guard_args(self, secret: Secret) -> list[str]:
-        """ARGV[1] and ARGV[2] of every script (see ``scripts``)."""
-        return [secret.fingerprint, "0" if self.shared else "1"]
+        """ARGV[1..3] of every script (see ``scripts``)."""
+        return [secret.fingerprint, "0" if self.shared else "1", self._lease_ms]
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -95,7 +98,7 @@ class Keyring:
             op,
             scripts.LOAD,
             [keys.fingerprint, keys.secret],
-            [fresh.fingerprint, "0", fresh.raw, keys.channel],
+            [fresh.fingerprint, "0", self._lease_ms, fresh.raw, keys.channel],
         )
         if reply[0] == scripts.REFUSED:
             self.refused(fresh, reply[1])

@@ -11,7 +11,16 @@ the prefix wrapped in braces (the cluster's *hash tag*: only the part between th
     {shmcache:}secret         the hashing secret, in shared-secret mode only (no secret=)
     {shmcache:}s:<32 hex>     one session: keyed BLAKE2b-128 of the token, with a PX expiry
     {shmcache:}u:<32 hex>     one user's sessions: keyed BLAKE2b-128 of str(user_id)
+    {shmcache:}clock          the logout clock (leases, see ``scripts.py``): a number
+    {shmcache:}horizon        the longest lease_timeout (ms) of the clients that missed
+                              lately, with a PX expiry
+    {shmcache:}cleared        the logout mark of the last clear, with a PX expiry
+    {shmcache:}ls:<32 hex>    the logout mark of one token (its session's key hash)
+    {shmcache:}lu:<32 hex>    the logout mark of one user (its index's hash)
     {shmcache:}invalidations  the pub/sub channel (a channel, not a key)
+
+Logout marks live ``lease_timeout`` plus a second, then expire: they take memory for the
+logouts of the last few seconds only (``clear`` leaves them: they are what voids leases).
 
 The cost, on a cluster: one cache lives on one primary (and its replicas); the cluster
 gives it failover, not sharding. Caches with different prefixes land on different slots.
@@ -26,6 +35,11 @@ from dataclasses import dataclass
 from .._errors import InvalidArgument
 
 _GLOB_SPECIALS = re.compile(r"([*?\[\]\\])")
+# After the tag. The scripts name the lease keys from the fingerprint key's tag themselves
+# (``scripts.py``), so these are the one spelling of them.
+FINGERPRINT = "fingerprint"
+CLOCK, HORIZON, CLEARED = "clock", "horizon", "cleared"
+SESSION_MARKS, USER_MARKS = "ls:", "lu:"
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,11 @@ class Keys:
     sessions: str  # + key hash
     users: str  # + owner hash
     channel: str
+    clock: str
+    horizon: str
+    cleared: str
+    session_marks: str  # + key hash
+    user_marks: str  # + owner hash
 
     @classmethod
     def of(cls, prefix: str) -> Keys:
@@ -53,11 +72,16 @@ class Keys:
         return cls(
             prefix=prefix,
             tag=tag,
-            fingerprint=tag + "fingerprint",
+            fingerprint=tag + FINGERPRINT,
             secret=tag + "secret",
             sessions=tag + "s:",
             users=tag + "u:",
             channel=tag + "invalidations",
+            clock=tag + CLOCK,
+            horizon=tag + HORIZON,
+            cleared=tag + CLEARED,
+            session_marks=tag + SESSION_MARKS,
+            user_marks=tag + USER_MARKS,
         )
 
     def patterns(self) -> tuple[str, str]:

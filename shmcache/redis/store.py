@@ -8,6 +8,13 @@ Each call is one Lua script (``scripts.py``) on the node that owns the cache's h
 (``keys.py`` draws the keys; ``link.py`` sends the scripts, on one Redis, behind Sentinel or
 on a cluster); the script first checks the secret's fingerprint (``keyring.py``) and does
 nothing if it is not this client's. Values are packed and MAC'd by ``values.py``.
+
+Leases (``shmcache/_leases.py``, the per-thread bookkeeping every backend shares): a
+``lookup`` that misses keeps, for the calling thread, the stamp the ``get`` script handed
+back with the miss; the thread's next ``store`` of the token sends it to the ``set``
+script, which refuses the write if a logout came since (``scripts.py`` explains the logout
+clock and marks). A ``lookup`` that could not reach Redis leaves a void lease: nothing is
+known about the logouts of that moment, so the set that follows is not stored.
 """
 
 from __future__ import annotations
@@ -17,8 +24,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .. import _args
-from .._closing import ClosesOnExit
-from .._errors import CacheClosed, InvalidType
+from .._errors import CacheClosed, CacheUnavailable, InvalidType
+from .._leases import EXPIRED, NO_LEASE, Leases
+from .._remote import LeaseDropped, RemoteSessionCache
 from ..codecs import Codec, JsonCodec
 from . import scripts, values
 from .keyring import Keyring, Listener
@@ -32,9 +40,16 @@ T = TypeVar("T")
 
 _SECRET_TRIES = 3  # a secret replaced twice during one call means someone keeps deleting it
 _SCAN_COUNT = 1000
+_MAX_LEASE_MS = 1 << 40  # 35 years: a longer lease_timeout is this (Lua counts exactly)
+_VOID: Any = object()  # the stamp of a lease granted when Redis could not be asked
 
 
-class RedisStore(ClosesOnExit):
+def lease_ms(lease_timeout: float) -> int:
+    """``lease_timeout`` (seconds, already checked) as the scripts' ARGV[3]."""
+    return min(_MAX_LEASE_MS, max(1, math.ceil(lease_timeout * 1000)))
+
+
+class RedisStore(RemoteSessionCache):
     """One cache's keys in Redis (see the module docstring); ``CacheUnavailable`` when
     Redis cannot be reached or refuses, ``SecretMismatch`` when the prefix's fingerprint
     is another secret's."""
@@ -48,6 +63,7 @@ class RedisStore(ClosesOnExit):
         clock: Clock | None,
         min_replicas: int,
         replica_timeout: float,
+        lease_timeout: float,
     ) -> None:
         self._link = link
         self._keys = keys
@@ -58,11 +74,20 @@ class RedisStore(ClosesOnExit):
         self._replica_timeout = replica_timeout
         self._closed = False
         self._decode_errors = 0
+        self._leases = Leases(lease_timeout, clock)
+        self._lease_drops = 0  # this object's sets not stored because their lease was void
 
     def key_of(self, token: str) -> str:
-        """The 32-hex-digit keyed hash that stands for ``token`` in Redis and in messages."""
+        """The 32-hex-digit keyed hash that stands for ``token`` in Redis and in messages.
+        It starts a ``get`` of ``TieredSessionCache``: if Redis cannot be asked for the
+        secret, that get is a miss that knows nothing of logouts, so this thread's lease on
+        ``token`` is void (as in ``lookup``)."""
         self._ensure_open()
-        return self._hash(self._keyring.current("get"), token)
+        try:
+            return self._hash(self._keyring.current("get"), token)
+        except CacheUnavailable:
+            self._leases.grant(token, _VOID)
+            raise
 
     def cached_key_of(self, token: str) -> str | None:
         """``key_of(token)`` if it needs no call to Redis (the secret is known), else None."""
@@ -80,23 +105,40 @@ class RedisStore(ClosesOnExit):
         return None if secret is None else self._owner(secret, user).hex()
 
     def lookup(self, token: str) -> tuple[Any, float, str, str | None] | None:
-        """``(session, seconds it has left, key hash, owner hash or None)``, or None;
-        raises ``CacheUnavailable``."""
+        """``(session, seconds it has left, key hash, owner hash or None)``, or None: a
+        miss, which gives this thread a lease on ``token``; raises ``CacheUnavailable``
+        (and leaves a void lease)."""
         def build(secret: Secret) -> tuple[list[str], list[Any], str]:
             key = self._hash(secret, token)
             return [self._keys.sessions + key], [], key
 
-        reply, secret, key = self._run("get", scripts.GET, build)
-        if len(reply) < 3 or not isinstance(reply[1], bytes):
-            return None
-        found = self._decode(secret, reply[1], self._keys.sessions + key, reply[2])
-        return None if found is None else (*found[:2], key, found[2])
+        try:
+            reply, secret, key = self._run("get", scripts.GET, build)
+            if isinstance(reply[1], bytes):
+                found = self._decode(secret, reply[1], self._keys.sessions + key, reply[2])
+                if found is not None:
+                    return (*found[:2], key, found[2])
+                # A value that is not ours, or past its deadline: a miss after all, and the
+                # script granted no lease for it. Rare (tests' clocks, tampering): a call,
+                # whose failure leaves this miss a void lease rather than an error.
+                try:
+                    reply = self._run("lease", scripts.LEASE, lambda _: ([], [], None))[0]
+                except CacheUnavailable:
+                    self._leases.grant(token, _VOID)
+                    return None
+        except CacheUnavailable:
+            self._leases.grant(token, _VOID)
+            raise
+        self._leases.grant(token, (reply[2], reply[3]))
+        return None
 
     def store(
         self, token: str, session: Any, ttl: float, user: str | None = None
     ) -> tuple[str, str | None]:
         """Write ``session`` (``ttl`` and ``user``, in ``user_key`` form, already checked)
-        and file it under ``user``; returns the key hash and the owner hash used."""
+        and file it under ``user``; returns the key hash and the owner hash used. If this
+        thread's lease on ``token`` is void (a logout since its miss), writes nothing,
+        deletes the token's entry and raises ``LeaseDropped``."""
         try:
             payload = self._codec.encode(session)
         except TypeError as exc:
@@ -117,6 +159,13 @@ class RedisStore(ClosesOnExit):
         if self._clock is not None:
             deadline = min(values.MAX_MS, max(1, round((self._clock() + ttl) * 1000)))
         keys = self._keys
+        lease = self._leases.take(token)  # after every check: a refused set keeps it
+        if lease is NO_LEASE:
+            stamp: list[Any] = [scripts.NO_LEASE, 0]
+        elif lease is EXPIRED or lease is _VOID:
+            stamp = [scripts.VOID_LEASE, 0]
+        else:
+            stamp = list(lease)
 
         def build(secret: Secret) -> tuple[list[str], list[Any], tuple[str, str | None]]:
             key = self._hash(secret, token)
@@ -124,10 +173,15 @@ class RedisStore(ClosesOnExit):
             owner = scripts.NO_OWNER if user is None else self._owner(secret, user)
             value = values.pack(secret, full, deadline, owner, payload)
             index = [] if user is None else [keys.users + owner.hex()]
-            args = [value, px, owner, key, keys.users, px + scripts.GRACE_MS]
+            args = [value, px, owner, key, keys.users, px + scripts.GRACE_MS, *stamp,
+                    keys.channel]
             return [full, *index], args, (key, None if user is None else owner.hex())
 
-        return self._run("set", scripts.SET, build)[2]
+        reply, _, stored = self._run("set", scripts.SET, build)
+        if reply[1] == scripts.DROPPED:
+            self._lease_drops += 1
+            raise LeaseDropped(stored[0])
+        return stored
 
     def remove(self, token: str) -> str:
         """Delete ``token``'s entry (and its place in its user's index) and publish its key

@@ -3,8 +3,8 @@
 Layers, bottom up (each module's docstring says what it may import):
 
 - ``proc``: is a pid alive, and is it the process we think it is. Knows nothing of segments.
-- ``segment``: the named POSIX objects (shared memory + semaphore): create, attach, check owner
-  and mode, unlink. Knows nothing of sessions.
+- ``segment``: the named POSIX shared-memory object: create, attach, check owner and mode,
+  unlink. Knows nothing of sessions.
 - ``layout``: the binary format (header words, slot arrays), drawn in its docstring.
 - ``table``: the hash table over any writable buffer (a ``bytearray`` in tests): no OS call,
   no clock, no lock inside it; "_locked" methods say the caller holds the lock.

@@ -37,7 +37,7 @@ _PURGE_CHUNK = 4096  # slots reclaimed per lock hold, so purge never stalls writ
 
 
 class SegmentAdmin:
-    """Stats, check, purge, lock recovery and the segment's names (see module docstring)."""
+    """Stats, check, purge, lock recovery and the segment's name (see module docstring)."""
 
     _segment: Segment
     _info: HeaderInfo
@@ -182,11 +182,11 @@ class SegmentAdmin:
         return self._lock.recover_if_abandoned()
 
     def unlink(self) -> None:
-        """Remove the segment's and the semaphore's names (processes attached keep working
-        until they close; nobody new can attach)."""
+        """Remove the segment's name, and a semaphore an older shmcache left beside it
+        (processes attached keep working until they close; nobody new can attach)."""
         self._segment.unlink()
 
-    # The keeper is the process whose exit removes the names: the creator, until another
+    # The keeper is the process whose exit removes the name: the creator, until another
     # process adopts the segment. A gunicorn master started by a binary upgrade (USR2)
     # adopts its predecessor's segment, so the old master's exit leaves the name alone.
 
@@ -196,7 +196,7 @@ class SegmentAdmin:
         self._words[W_KEEPER] = _proc.my_word()
 
     def unlink_if_keeper(self) -> bool:
-        """Unlink the names if this process is the keeper, or the keeper is gone (an adopter
+        """Unlink the name if this process is the keeper, or the keeper is gone (an adopter
         that died, as after an aborted upgrade). Returns True if it unlinked."""
         self._ensure_open()
         keeper = int(self._words[W_KEEPER])
@@ -206,7 +206,7 @@ class SegmentAdmin:
         return True
 
     def chown(self, uid: int, gid: int) -> None:
-        """Give the segment and its semaphore to ``uid``/``gid`` (for workers that drop
+        """Give the segment to ``uid``/``gid`` (for workers that drop
         privileges and must attach by name; forked workers keep their inherited mapping)."""
         self._ensure_open()
         self._segment.chown(uid, gid)

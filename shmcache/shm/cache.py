@@ -167,9 +167,9 @@ class SharedMemorySessionCache(LocalCopies, SegmentAdmin, ClosesOnExit):
         user_id_of: UserIdOf | None = None,
         lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
     ) -> SharedMemorySessionCache:
-        """Create a new segment and semaphore named ``name``, owner-only by default.
+        """Create a new segment named ``name``, owner-only by default.
 
-        Raises ``SegmentExists`` (a ``FileExistsError``) if either name is taken, and
+        Raises ``SegmentExists`` (a ``FileExistsError``) if the name is taken, and
         ``NoSpace`` if /dev/shm cannot hold the segment (reserved now, not on first touch).
         """
         positive_number("lock_timeout", lock_timeout)

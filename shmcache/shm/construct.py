@@ -24,7 +24,7 @@ from .lock import SegmentLock
 def create_segment(
     name: str, capacity: int, value_size: int, codec: Codec | None, mode: int
 ) -> tuple[_segment.Segment, HeaderInfo]:
-    """Create the names exclusively, owner-only by default, and write a whole header (the
+    """Create the name exclusively, owner-only by default, and write a whole header (the
     magic last) and an initialised lock before anyone can attach."""
     bare = _segment.normalize_name(name)
     _check_host()

@@ -18,7 +18,7 @@ one ``find`` call in C scans a whole probe window; the check words, dense, becau
                   |  128 writing     136 lock generation  144 journal          |
                   |  152 evictions   160 lock recoveries  168 oversize values  |
                   |  176 clears      184 retired hits     192 retired misses   |
-                  |  200 keeper (the process that unlinks the names at exit)   |
+                  |  200 keeper (the process that unlinks the name at exit)    |
                   |  208 generation of the last clear  216 lease drops         |
                   | 256.. the lock: a robust pthread mutex (64 bytes reserved) |
                   | 512.. 112 per-process records: owner, hits, misses, id     |
@@ -111,7 +111,7 @@ W_OVERSIZE = 168 // 8
 W_CLEARS = 176 // 8
 W_RETIRED_HITS = 184 // 8
 W_RETIRED_MISSES = 192 // 8
-W_KEEPER = 200 // 8  # owner word of the process that removes the names at exit (0: nobody)
+W_KEEPER = 200 // 8  # owner word of the process that removes the name at exit (0: nobody)
 W_CLEARED_AT = 208 // 8  # lock generation of the last clear (leases: see cache.py)
 W_LEASE_DROPS = 216 // 8  # sets not cached because a logout raced them (see cache.py)
 MUTEX_OFFSET = 256  # the segment lock (see mutex.py); 64 bytes, 64-byte aligned

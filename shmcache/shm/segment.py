@@ -1,8 +1,14 @@
-"""The OS layer: a named POSIX shared-memory segment and its semaphore.
+"""The OS layer: a named POSIX shared-memory segment.
 
 Knows names, permissions, owners and sizes; knows nothing of sessions or of the table.
-The segment is ``/dev/shm/NAME`` and the semaphore ``/dev/shm/sem.NAME`` (glibc's naming),
-so an admin finds both with ``ls /dev/shm``.
+A segment is one name, ``/dev/shm/NAME``: its lock is a mutex inside it (``mutex.py``), so
+there is no second object to create, check, hand to another user or remove.
+
+Older versions also made a POSIX semaphore, ``/dev/shm/sem.NAME`` (the lock until layout 2,
+unused since). Nothing here opens, checks or waits for one: a segment of layout 2 or older
+is refused by its layout version, a later one is whole without it. Where shmcache removes a
+segment's name it removes such a leftover too (:func:`unlink_name`), and it never mistakes
+anything else for one: it is a file of ``sizeof(sem_t)`` bytes; a segment is never so small.
 
 We use posix_ipc and not ``multiprocessing.shared_memory``: before Python 3.13 every process
 that attaches to the latter registers the segment with its resource tracker, which unlinks
@@ -17,7 +23,6 @@ import mmap
 import os
 import re
 import stat
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -55,17 +60,12 @@ def segment_path(name: str) -> str:
     return os.path.join(SHM_DIR, name)
 
 
-def semaphore_path(name: str) -> str:
-    return os.path.join(SHM_DIR, "sem." + name)
-
-
 @dataclass
 class Segment:
-    """An open segment: the mapping, the fd (kept for fstat and record locks) and the lock."""
+    """An open segment: the mapping and the fd (kept for fstat and fchown)."""
 
     name: str
     shm: Any
-    sem: Any
     mm: mmap.mmap
     inode: int
 
@@ -76,49 +76,78 @@ class Segment:
     def close(self) -> None:
         self.mm.close()
         self.shm.close_fd()
-        self.sem.close()
 
     def chown(self, uid: int, gid: int) -> None:
-        """Hand both names to another user (a server that drops privileges after forking)."""
+        """Hand the segment to another user (a server that drops privileges after forking)."""
         os.fchown(self.fd, uid, gid)
-        if os.path.exists(semaphore_path(self.name)):
-            os.chown(semaphore_path(self.name), uid, gid)
 
     def unlink(self) -> None:
-        """Remove both names, but only while they still name *this* segment: after a binary
-        upgrade a new master may own a fresh segment under the same name."""
+        """Remove the name (and an older version's semaphore beside it: :func:`unlink_name`),
+        but only while it still names *this* segment: after a binary upgrade a new master may
+        own a fresh segment under the same name."""
         try:
-            ours = os.stat(segment_path(self.name)).st_ino == self.inode
+            st = os.stat(segment_path(self.name))  # by name: callable after close()
         except FileNotFoundError:
-            ours = True  # the segment's name is gone already: the semaphore is an orphan
-        except OSError:
-            ours = True  # no /dev/shm to look at (not Linux): trust the name
-        if ours:
-            _ignore_missing(posix_ipc.unlink_shared_memory, "/" + self.name)
-            _ignore_missing(posix_ipc.unlink_semaphore, "/" + self.name)
+            return  # gone already
+        except OSError:  # no /dev/shm to look at (not Linux): trust the name
+            unlink_name(self.name, os.geteuid())
+            return
+        if st.st_ino == self.inode:
+            unlink_name(self.name, st.st_uid)
 
 
-def unlink_names(name: str) -> None:
-    """Remove whatever exists of a segment's two names, by name alone (no inode check).
-    A directory in their place is not ours to remove: ``IncompatibleSegment`` says so."""
-    for fn, path in ((posix_ipc.unlink_shared_memory, segment_path(name)),
-                     (posix_ipc.unlink_semaphore, semaphore_path(name))):
-        try:
-            _ignore_missing(fn, "/" + name)
-        except IsADirectoryError:
-            raise IncompatibleSegment(f"{path} is a directory: not removing it") from None
+def unlink_name(name: str, owner: int) -> bool:
+    """Remove the segment's name, whatever it names (no inode check; gone already is fine),
+    and a semaphore an older shmcache left beside it if ``owner`` owns it (True if there was
+    one). A directory in the segment's place is not ours to remove: ``IncompatibleSegment``
+    says so, and nothing is removed."""
+    try:
+        with contextlib.suppress(posix_ipc.ExistentialError):
+            posix_ipc.unlink_shared_memory("/" + name)
+    except IsADirectoryError:
+        raise IncompatibleSegment(f"{segment_path(name)} is a directory: not removing it") from None
+    return remove_legacy_semaphore(name, owner)
 
 
-def _ignore_missing(fn: Callable[[str], None], name: str) -> None:
-    with contextlib.suppress(posix_ipc.ExistentialError):
-        fn(name)
+# sizeof(sem_t), what glibc's sem_open writes, on the 64-bit hosts shmcache runs on (the
+# mutex's ABI check refuses others). A segment is at least HEADER_SIZE bytes: never this.
+_SEM_FILE_SIZE = 32
+
+
+def legacy_semaphore_path(name: str) -> str:
+    """``/dev/shm/sem.NAME``: where shmcache before the mutex kept ``NAME``'s semaphore."""
+    return os.path.join(SHM_DIR, "sem." + name)
+
+
+def has_legacy_semaphore(name: str, uid: int) -> bool:
+    """Whether ``sem.NAME`` is what an older shmcache left beside ``NAME``: a regular file
+    of a semaphore's size owned by ``uid``. Anything else by that name (a segment named
+    ``sem.NAME``, another user's file, a link, a directory) is not ours to touch."""
+    try:
+        st = os.lstat(legacy_semaphore_path(name))
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == uid and st.st_size == _SEM_FILE_SIZE
+
+
+def remove_legacy_semaphore(name: str, uid: int) -> bool:
+    """Remove a semaphore an older shmcache left beside ``NAME`` (see
+    :func:`has_legacy_semaphore`); True if there was one. Processes of that version that
+    have it open keep it. /dev/shm is sticky: between the check and the unlink only ``uid``
+    (or root) could replace the file."""
+    if not has_legacy_semaphore(name, uid):
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(legacy_semaphore_path(name))
+    return True
 
 
 def create(name: str, size: int, mode: int, init: Callable[[mmap.mmap], None]) -> Segment:
-    """Create both names exclusively, reserve the memory, run ``init``, then open the lock.
+    """Create the name exclusively, reserve the memory, then run ``init``.
 
-    The semaphore is created at 0, so nobody can take the lock before ``init`` has written
-    the header (and ``init`` writes the magic last, so nobody can attach before that).
+    ``init`` initialises the lock and writes the header, the magic last: ``attach`` refuses
+    a segment without its magic, so nobody can attach, let alone lock, before ``init`` is
+    done (``creation_state`` calls such a segment "making").
     """
     pname = "/" + name
     try:
@@ -127,32 +156,22 @@ def create(name: str, size: int, mode: int, init: Callable[[mmap.mmap], None]) -
         raise SegmentExists(f"shared memory segment {segment_path(name)} already exists") from None
     except posix_ipc.PermissionsError as exc:
         raise SegmentPermissionError(f"cannot create {segment_path(name)}: {exc}") from None
-    sem = None
     try:
         os.fchmod(shm.fd, mode)  # the umask may only have narrowed it; make it exact
         os.ftruncate(shm.fd, size)
         _reserve(shm.fd, size, name)
         mm = mmap.mmap(shm.fd, size)
         try:
-            sem = posix_ipc.Semaphore(pname, posix_ipc.O_CREX, mode=mode, initial_value=0)
-        except posix_ipc.ExistentialError:
-            raise SegmentExists(
-                f"semaphore {semaphore_path(name)} already exists (left by a crash? "
-                f"`shmcache unlink --force {name}` removes it)"
-            ) from None
-        if os.path.exists(semaphore_path(name)):
-            os.chmod(semaphore_path(name), mode)
-        init(mm)
-        sem.release()
-        inode = os.fstat(shm.fd).st_ino
+            init(mm)
+            inode = os.fstat(shm.fd).st_ino
+        except BaseException:
+            mm.close()
+            raise
     except BaseException:
-        posix_ipc.unlink_shared_memory(pname)
-        if sem is not None:
-            sem.unlink()
-            sem.close()
+        posix_ipc.unlink_shared_memory(pname)  # O_EXCL made it ours; /dev/shm is sticky
         shm.close_fd()
         raise
-    return Segment(name, shm, sem, mm, inode)
+    return Segment(name, shm, mm, inode)
 
 
 def _reserve(fd: int, size: int, name: str) -> None:
@@ -176,10 +195,10 @@ def _reserve(fd: int, size: int, name: str) -> None:
 
 
 def attach(name: str, *, owner_uid: int | None, allow_writable_by_others: bool) -> Segment:
-    """Open an existing segment and semaphore, refusing ones we must not trust.
+    """Open an existing segment, refusing one we must not trust.
 
     Whatever is behind the name (a directory, a FIFO, an empty or foreign file, a symlink,
-    half a pair of names), the answer is a ``ShmCacheError`` saying what was found, never
+    a header not finished), the answer is a ``ShmCacheError`` saying what was found, never
     an ``OSError`` or ``ValueError`` from posix_ipc: ``shmcache stats`` on a stray
     directory in /dev/shm once showed a traceback.
     """
@@ -191,26 +210,20 @@ def attach(name: str, *, owner_uid: int | None, allow_writable_by_others: bool) 
         _check_kind(st, path, "segment")
         _check_trust(st, path, owner_uid, allow_writable_by_others)
         _check_head(shm.fd, st.st_size, name)
-        sem = _open_semaphore(name, owner_uid, allow_writable_by_others)
-    except BaseException:
-        shm.close_fd()
-        raise
-    try:
         mm = mmap.mmap(shm.fd, st.st_size)
     except BaseException:
-        sem.close()
         shm.close_fd()
         raise
-    return Segment(name, shm, sem, mm, st.st_ino)
+    return Segment(name, shm, mm, st.st_ino)
 
 
 def creation_state(name: str) -> str:
     """What a process that wants to create or attach ``name`` finds behind it.
 
     ``"missing"``: no segment (create it). ``"making"``: a segment whose memory or header is
-    not there yet: ``create`` reserves the memory, then makes the semaphore, then writes the
-    header with its magic last, so this is a creator at work (or one that died at it: the
-    caller's patience decides). ``"other"``: anything else, which waiting will not change.
+    not there yet: ``create`` reserves the memory, then writes the header with its magic
+    last, so this is a creator at work (or one that died at it: the caller's patience
+    decides). ``"other"``: anything else, which waiting will not change.
     """
     path = segment_path(name)
     try:
@@ -284,56 +297,13 @@ def _open_existing(name: str) -> Any:
 
 
 def _check_head(fd: int, size: int, name: str) -> None:
-    """Validate the header before looking for the semaphore, so a foreign file is called
-    foreign (not a segment "whose semaphore is missing"). Only the format's own check
+    """Validate the header before mapping, so a foreign file, another layout version or a
+    header not finished is named as such. Only the format's own check
     (``layout.read_header``) is used: this layer still knows nothing of the table."""
     try:
         read_header(os.pread(fd, HEADER_SIZE, 0), size)
     except IncompatibleSegment as exc:
         raise IncompatibleSegment(f"{segment_path(name)}: {exc}") from None
-
-
-# What glibc's sem_open writes (sizeof(sem_t)): a shorter file would be mapped past its end,
-# and the first sem_wait would die of SIGBUS.
-_SEM_FILE_SIZE = 32 if sys.maxsize > 2**32 else 16
-
-
-def _open_semaphore(name: str, owner_uid: int | None, allow_writable_by_others: bool) -> Any:
-    path = semaphore_path(name)
-    try:
-        sem_st: os.stat_result | None = os.lstat(path)
-    except FileNotFoundError:
-        raise SegmentNotFound(
-            f"segment {name!r} exists but its semaphore {path} does not (its creator is "
-            "still making it, or died doing so)"
-        ) from None
-    except OSError:
-        sem_st = None  # no /dev/shm/sem.* files on this platform
-    if sem_st is not None:
-        # Checked by path, then opened by name: /dev/shm is sticky, so once the name is
-        # ours (as checked) nobody else can rename or replace it in between.
-        if stat.S_ISLNK(sem_st.st_mode):
-            raise SegmentPermissionError(f"refusing {path}: it is a symbolic link")
-        _check_trust(sem_st, path, owner_uid, allow_writable_by_others)
-        _check_kind(sem_st, path, "semaphore")
-        if sys.platform.startswith("linux") and sem_st.st_size != _SEM_FILE_SIZE:
-            raise IncompatibleSegment(
-                f"{path} is {sem_st.st_size} bytes, not a semaphore ({_SEM_FILE_SIZE})"
-            )
-    try:
-        return posix_ipc.Semaphore("/" + name)
-    except posix_ipc.ExistentialError:
-        raise SegmentNotFound(
-            f"segment {name!r} exists but its semaphore {path} does not"
-        ) from None
-    except posix_ipc.PermissionsError:
-        raise SegmentPermissionError(f"no permission to open semaphore {path}") from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise SegmentPermissionError(f"refusing {path}: it is a symbolic link") from None
-        raise IncompatibleSegment(f"cannot open semaphore {path}: {exc.strerror or exc}") from None
-    except ValueError as exc:
-        raise IncompatibleSegment(f"cannot open semaphore {path}: {exc}") from None
 
 
 # The way out of each refusal, in the words of the Python API; the command line shows its

@@ -4,7 +4,7 @@ Every path that opens a segment by name without knowing whether it exists goes t
 here: ``open_cache("shm://...")``, ``shm+redis://``, ``shmcache.gunicorn.get_cache()`` and the
 master's ``on_starting``. uvicorn's own ``--workers`` starts all its workers at once: one of
 them creates the segment, and for a few milliseconds the others find it half made (no
-memory reserved yet, no header, no semaphore). Attaching once and giving up failed 22 of 40
+memory reserved yet, or no header). Attaching once and giving up failed 22 of 40
 starts of a 4-process race (issue 12); here the others wait for the creator, for at most
 ``patience`` seconds, and only a name that is *not* being created fails at once.
 
@@ -20,7 +20,7 @@ from .._errors import IncompatibleSegment, SegmentExists, SegmentNotFound
 from . import segment as _segment
 from .cache import SharedMemorySessionCache
 
-# A creator reserves all its memory before its header and semaphore exist: a segment of
+# A creator reserves all its memory before it writes the header: a segment of
 # a million sessions takes ~0.2 s here, so this leaves a wide margin on a loaded machine.
 CREATION_PATIENCE = 10.0  # seconds
 _RETRY_PAUSE = 0.01

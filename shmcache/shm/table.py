@@ -26,11 +26,11 @@ from typing import Any
 
 import xxhash
 
+from .audit import TableAudit
 from .layout import (
     CHECK_HASH_BITS,
     CHECK_HASH_MASK,
     EXPIRY_BITS,
-    JOURNAL_SLOT_MASK,
     MAX_EXPIRY_MS,
     NO_VALUE,
     NONCE_BITS,
@@ -64,7 +64,7 @@ def meta_expiry_ms(meta: int) -> int:
     return meta >> NONCE_BITS
 
 
-class Table:
+class Table(TableAudit):
     """Slots of one segment. ``buf`` must support the buffer protocol and ``find``."""
 
     def __init__(self, buf: Any, geometry: Geometry, tag_seed: int, check_seed: int) -> None:
@@ -320,27 +320,6 @@ class Table:
             slot = self.find(tag, home)
         return found
 
-    def damaged_copies(self, tag: bytes, home: int) -> list[int]:
-        """Slots of the window holding a damaged copy of ``tag``: one whose tag still
-        matches ours in one half (any damage shorter than 9 bytes) but is not a whole entry.
-
-        A logout that does not find its tag calls this: the tag may have been damaged in
-        place while some process still trusts that slot's check word. Two C-level finds,
-        then a checksum for the (rare) candidates; lock-free, so re-check the result with
-        ``drop_damaged_locked``.
-        """
-        buf, base = self._buf, self._tags
-        start = base + home * TAG_SIZE
-        end = start + self._window * TAG_SIZE
-        candidates = set()
-        for half, offset in ((tag[:8], 0), (tag[8:], 8)):
-            pos = buf.find(half, start + offset, end)
-            while pos >= 0:
-                if (pos - base - offset) % TAG_SIZE == 0:
-                    candidates.add((pos - base - offset) // TAG_SIZE)
-                pos = buf.find(half, pos + 1, end)
-        return sorted(s for s in candidates if self.slot_problem(s) is not None)
-
     def drop_damaged_locked(self, slots: list[int]) -> int:
         """Zero those of ``slots`` that are still not whole entries; returns how many."""
         dropped = 0
@@ -419,100 +398,6 @@ class Table:
             self._zero_slot_locked(start + i)
             reclaimed += 1
         return reclaimed
-
-    def repair_locked(self) -> list[str]:
-        """Finish or undo what a dead lock holder was doing, from the journal."""
-        words = self.words
-        journal = words[W_JOURNAL]
-        op, slot = journal >> 56, journal & JOURNAL_SLOT_MASK
-        done: list[str] = []
-        if op == OP_CLEAR:
-            self.clear_locked()
-            done.append("finished an interrupted clear")
-        elif op == OP_SLOT and slot < self._phys:
-            if self.slot_problem(slot) is not None:  # half-written, or half-zeroed
-                self._zero_slot_locked(slot)
-                done.append(f"dropped half-written slot {slot}")
-        elif op != OP_NONE:
-            done.append(f"ignored an unreadable journal word {journal:#x}")
-        words[W_JOURNAL] = OP_NONE
-        return done
-
-    # -- inspection ----------------------------------------------------------------------
-
-    def slot_problem(self, slot: int) -> str | None:
-        """What is wrong with one slot, or None (empty or a whole, well-placed entry)."""
-        t = self._tags + slot * TAG_SIZE
-        tag = bytes(self._buf[t : t + TAG_SIZE])
-        check = self.words[self._checks_w + slot]
-        if tag == ZERO_TAG:
-            words = self.words
-            if check or words[self._rec_w + slot * self._rw] or words[self._users_w + slot]:
-                return f"slot {slot}: empty tag but leftover check, meta or user words"
-            return None
-        if not check:
-            return f"slot {slot}: tag without a check (a write that never finished)"
-        if self.read_slot(slot) is None:
-            return f"slot {slot}: check does not match the slot's bytes (torn or damaged)"
-        home = self.home_of(tag)
-        if not home <= slot < home + self._window:
-            return f"slot {slot}: entry outside its probe window (home {home})"
-        return None
-
-    def problems(self) -> list[int]:
-        """Slots that look damaged in a lock-free pass (a racing writer may cause false alarms;
-        the caller re-checks these under the lock)."""
-        bad: list[int] = []
-        seen: dict[bytes, int] = {}
-        buf, tags = self._buf, self._tags
-        checks = self.words[self._checks_w : self._checks_w + self._phys].tolist()
-        for slot in range(self._phys):
-            t = tags + slot * TAG_SIZE
-            tag = bytes(buf[t : t + TAG_SIZE])
-            if tag == ZERO_TAG and not checks[slot]:
-                continue
-            if tag in seen:
-                bad.append(slot)
-            seen[tag] = slot
-            if self.slot_problem(slot) is not None:
-                bad.append(slot)
-        return bad
-
-    def duplicate_problem(self, slot: int) -> str | None:
-        t = self._tags + slot * TAG_SIZE
-        tag = bytes(self._buf[t : t + TAG_SIZE])
-        if tag == ZERO_TAG:
-            return None
-        first = self.find(tag, self.home_of(tag))
-        if 0 <= first != slot:
-            return f"slot {slot}: same tag as slot {first}"
-        return None
-
-    def census(self, now_ms: int) -> dict[str, int]:
-        """Counts of live, expired, empty and invalid slots (lock-free, approximate if busy)."""
-        phys = self._phys
-        checks = self.words[self._checks_w : self._checks_w + phys].tolist()
-        metas = self.words[self._rec_w : self._rec_w + phys * self._rw : self._rw].tolist()
-        threshold = (now_ms + 1) << NONCE_BITS
-        live = expired = invalid = 0
-        for check, meta in zip(checks, metas, strict=True):
-            if not check:
-                if meta:
-                    invalid += 1
-            elif meta >= threshold:
-                live += 1
-            else:
-                expired += 1
-        return {
-            "entries": live,
-            "expired": expired,
-            "invalid": invalid,
-            "empty": phys - live - expired - invalid,
-        }
-
-    def journal(self) -> tuple[int, int]:
-        j = self.words[W_JOURNAL]
-        return j >> 56, j & JOURNAL_SLOT_MASK
 
 
 assert EXPIRY_BITS + NONCE_BITS == 64

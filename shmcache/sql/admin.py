@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Any
 
-from .._errors import CacheUnavailable, InvalidArgument
+from .._errors import CacheUnavailable, InvalidArgument, SecretMismatch
 from .cache import DatabaseSessionCache
 from .urls import OPENERS, dialect_of, redact
 
@@ -58,9 +58,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         with open_url(url) as cache:
             return _COMMANDS[args.command](cache, args, shown)
-    except InvalidArgument as exc:
+    except (InvalidArgument, SecretMismatch) as exc:
         if "secret" in str(exc) and not os.environ.get(SECRET_ENV):
-            raise InvalidArgument(f"{exc} (the command reads it from ${SECRET_ENV})") from None
+            raise type(exc)(f"{exc} (the command reads it from ${SECRET_ENV})") from None
         raise
 
 
@@ -77,6 +77,8 @@ def _stats(cache: DatabaseSessionCache, args: argparse.Namespace, shown: str) ->
         ("entries", f"{stats['entries']} live, {stats['expired']} expired "
                     "(reclaimed as sessions are written, or by `shmcache purge`)"),
         ("users", f"{stats['users']} with live sessions"),
+        ("leases", f"{stats['lease_drops']} sets refused (a logout came after their miss), "
+                   f"{stats['stamps']} logout stamps kept"),
         ("secret", "shared, kept in the database" if stats["shared_secret"]
          else "given to each client (secret=)"),
     ]

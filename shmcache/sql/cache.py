@@ -16,11 +16,15 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .. import _args
-from .._errors import CacheUnavailable, InvalidArgument, InvalidType
+from .._errors import CacheUnavailable, InvalidArgument, InvalidType, SecretMismatch
+from .._leases import DEFAULT_TIMEOUT as DEFAULT_LEASE_TIMEOUT
+from .._leases import EXPIRED, NO_LEASE, Leases
 from .._protocol import UserIdOf
-from .._remote import Found, Listener, RemoteSessionCache
+from .._remote import Found, LeaseDropped, Listener, RemoteSessionCache
 from ..codecs import Codec, JsonCodec, PickleCodec
 from .store import StaleFingerprint
+from .upkeep import RECLAIM_EVERY as RECLAIM_EVERY  # (tests count sets by it)
+from .upkeep import DatabaseUpkeep
 from .urls import make_store
 from .values import Secret, derive, fingerprint, keyed, open_value, seal
 
@@ -28,11 +32,9 @@ Clock = Callable[[], float]
 T = TypeVar("T")
 
 _SECRET_TRIES = 3  # the meta row replaced twice during one call: someone keeps deleting it
-RECLAIM_EVERY = 128  # sets between two reclaims of expired rows, per process
-RECLAIM_BATCH = 256  # expired rows deleted per reclaim: twice what the sets in between add
 
 
-class DatabaseSessionCache(RemoteSessionCache):
+class DatabaseSessionCache(RemoteSessionCache, DatabaseUpkeep):
     """A ``SessionCache`` on a SQL table that every process (SQLite: of one host;
     PostgreSQL: of every host) shares: a logout in one is a miss in all, at once.
 
@@ -43,10 +45,20 @@ class DatabaseSessionCache(RemoteSessionCache):
     ``sqlite3`` connection made with ``check_same_thread=False``: threads take turns on
     them), called once per connection this process needs.
 
-    Options: ``table`` (``shmcache_sessions``; made if missing, with ``{table}_meta``),
-    ``timeout`` (1 s: SQLite's busy timeout; PostgreSQL's connect, pool and statement
-    timeout), ``unlogged`` (PostgreSQL: an UNLOGGED table, emptied by a crash; ignored by
-    SQLite), ``user_id_of``, ``clock`` (tests: the expiry clock instead of the database's).
+    Options: ``table`` (``shmcache_sessions``; made if missing, with ``{table}_meta`` and
+    ``{table}_stamps``), ``timeout`` (1 s: SQLite's busy timeout; PostgreSQL's connect,
+    pool and statement timeout), ``unlogged`` (PostgreSQL: an UNLOGGED table, emptied by a
+    crash; ignored by SQLite), ``user_id_of``, ``lease_timeout`` (below), ``clock`` (tests:
+    the expiry and lease clock instead of the database's and ``time.monotonic``).
+
+    Leases (a racing validation never undoes a logout): a ``get`` that misses takes, for
+    its thread, a lease on the token; that thread's next ``set`` of the token is not stored
+    (and any row of the token is deleted) if an ``invalidate`` of it, an
+    ``invalidate_by_user`` of the set's user, or a ``clear`` was committed after the miss,
+    in any process, or if the miss is ``lease_timeout`` (10 s) old, or if the database did
+    not answer that get (``fail_open``). A ``set`` with no miss before it is stored as
+    always. Refused sets are counted in ``stats()["lease_drops"]`` (table-wide) and
+    ``["process_lease_drops"]``; ``store.py`` and ``pg_leases.py`` say how.
 
     The secret of the keyed hashes: ``secret=None`` (default) keeps a random one in
     ``{table}_meta``, made by the first client; whoever can read the table can then check
@@ -54,7 +66,7 @@ class DatabaseSessionCache(RemoteSessionCache):
     ``PickleCodec`` is refused. ``secret=b"..."`` (at least 16 bytes, the same on every
     host) stores only its fingerprint: the database alone reveals nothing, values written
     without it are refused, and the default codec is ``PickleCodec``. A client whose
-    secret does not match the table's raises ``InvalidArgument`` at its first call.
+    secret does not match the table's raises ``SecretMismatch`` at its first call.
 
     Failures (unreachable, locked past ``timeout``): ``fail_open=False`` raises
     ``CacheUnavailable``; ``fail_open=True`` makes ``get`` a miss and ``set`` a no-op
@@ -77,6 +89,7 @@ class DatabaseSessionCache(RemoteSessionCache):
         timeout: float = 1.0,
         fail_open: bool = False,
         unlogged: bool = True,
+        lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
         clock: Clock | None = None,
     ) -> None:
         for name, flag in (("fail_open", fail_open), ("unlogged", unlogged)):
@@ -105,6 +118,7 @@ class DatabaseSessionCache(RemoteSessionCache):
                 "or use JsonCodec"
             )
         timeout = _args.positive_number("timeout", timeout)
+        lease_timeout = _args.positive_number("lease_timeout", lease_timeout)
         self._store = make_store(url, connect, dialect, table, timeout, unlogged)
         self._codec: Codec = codec
         self._fail_open = fail_open
@@ -118,24 +132,40 @@ class DatabaseSessionCache(RemoteSessionCache):
         self._decode_errors = 0
         self._sets = 0
         self._reclaimed = 0
+        self._leases = Leases(lease_timeout, clock)
+        self._lease_timeout = lease_timeout
+        self._stamp_age_ms = math.ceil(lease_timeout * 1000)
+        self._lease_drops = 0  # this object's sets that a lease refused
 
     # -- the pieces TieredSessionCache builds on (see shmcache._remote.RemoteTier) --------
 
     def lookup(self, token: str) -> Found | None:
-        """``(session, seconds it has left, key hash, owner hash or None)``, or None;
-        raises ``CacheUnavailable``."""
-        def run(secret: Secret, fp: bytes) -> tuple[bytes, Any, Secret]:
+        """``(session, seconds it has left, key hash, owner hash or None)``, or None (and
+        this thread takes a lease on ``token``); raises ``CacheUnavailable``."""
+        def run(secret: Secret, fp: bytes) -> tuple[bytes, Any, Any, Secret]:
             key = keyed(secret.key_mac, token)
-            return key, self._store.lookup(key, fp, self._now()), secret
+            row, stamp = self._store.lookup(key, fp, self._now())
+            return key, row, stamp, secret
 
-        key, row, secret = self._run("get", run)
-        if row is None:
-            return None
-        value, owner, left_ms = row
-        session = self._decode(secret, key, owner, value)
-        if session is None:
-            return None
-        return session[0], left_ms / 1000, key.hex(), None if owner is None else owner.hex()
+        try:
+            key, row, stamp, secret = self._run("get", run)
+        except CacheUnavailable:
+            self._leases.grant(token, EXPIRED)  # a miss all the same: its set is dropped
+            raise
+        if row is not None:
+            value, owner, left_ms = row
+            session = self._decode(secret, key, owner, value)
+            if session is not None:
+                return session[0], left_ms / 1000, key.hex(), None if owner is None else owner.hex()
+        if stamp is None:
+            # The stamps were lost (a crash emptied them): this lease cannot be vouched
+            # for; make them again so that the next ones can.
+            self._leases.grant(token, EXPIRED)
+            with contextlib.suppress(CacheUnavailable):
+                self._call("get", self._store.restart_stamps)
+        else:
+            self._leases.grant(token, stamp)
+        return None
 
     def store(
         self, token: str, session: Any, ttl: float, user: str | None = None
@@ -153,18 +183,30 @@ class DatabaseSessionCache(RemoteSessionCache):
             raise InvalidType(f"codec.encode returned {type(payload).__name__}, not bytes")
         payload = bytes(payload)
         ttl_ms = max(1, math.ceil(ttl * 1000))
+        lease = self._leases.take(token)
 
-        def run(secret: Secret, fp: bytes) -> tuple[bytes, bytes | None]:
+        def run(secret: Secret, fp: bytes) -> tuple[bytes, bytes | None, bool]:
             key = keyed(secret.key_mac, token)
             owner = None if user is None else keyed(secret.user_mac, user)
+            if lease is EXPIRED:  # not stored, nor any older copy: see shmcache/_leases.py
+                self._store.drop(key, fp)
+                return key, owner, False
             value = seal(secret, self._store.table, key, owner, payload)
-            self._store.store(key, owner, value, ttl_ms, fp, self._now())
-            return key, owner
+            stored = self._store.store(
+                key, owner, value, ttl_ms, fp, self._now(),
+                None if lease is NO_LEASE else lease,
+            )
+            return key, owner, stored
 
-        key, owner = self._run("set", run)
+        key, owner, stored = self._run("set", run)
         self._sets += 1
         if self._sets % RECLAIM_EVERY == 0:
             self._reclaim()
+        if not stored:
+            # The RemoteTier contract: the tier in front (TieredSessionCache) drops its own
+            # copy too, so the lease holds end to end.
+            self._lease_drops += 1
+            raise LeaseDropped(key.hex())
         return key.hex(), None if owner is None else owner.hex()
 
     def remove(self, token: str) -> str:
@@ -228,61 +270,6 @@ class DatabaseSessionCache(RemoteSessionCache):
     @property
     def unavailable_errors(self) -> tuple[type[BaseException], ...]:
         return self._store.errors
-
-    # -- administration ------------------------------------------------------------------
-
-    def purge(self) -> int:
-        """Delete expired rows now, and rows that fail their MAC (damaged, written without
-        the secret, or under a secret no longer in use); returns how many. Writes also
-        reclaim expired rows as they go (a batch every ``RECLAIM_EVERY`` sets)."""
-        self._ensure_open()
-        expired = self._call("purge", lambda: self._store.purge(self._now()))
-        damaged = self._damaged()
-        removed = self._call("purge", lambda: self._store.delete_keys(damaged)) if damaged else 0
-        return int(expired) + int(removed)
-
-    def check(self) -> list[str]:
-        """Integrity problems, ``[]`` when whole: the secret, the database's own check
-        (SQLite), file permissions, and every row's format and MAC."""
-        self._ensure_open()
-        try:
-            self._current("check")
-        except InvalidArgument as exc:
-            return [str(exc)]
-        problems = self._call(
-            "check", lambda: self._store.problems(shared_secret=self._fixed is None)
-        )
-        damaged = self._damaged()
-        if damaged:
-            problems.append(
-                f"{len(damaged)} rows fail their format or MAC check (damaged, written "
-                "without the secret, or under an older one): misses for every client; "
-                "purge() removes them"
-            )
-        return list(problems)
-
-    def stats(self) -> dict[str, Any]:
-        """This process's counters, and the table's figures (``entries``, ``expired``,
-        ``users``; ``error`` instead if the database could not be reached)."""
-        self._ensure_open()
-        out: dict[str, Any] = {
-            "backend": "database",
-            "dialect": self._store.dialect,
-            "database": self._store.describe(),
-            "table": self._store.table,
-            "hits": self._hits,
-            "misses": self._misses,
-            "unavailable": self._unavailable,
-            "decode_errors": self._decode_errors,
-            "reclaimed": self._reclaimed,
-            "fail_open": self._fail_open,
-            "shared_secret": self._fixed is None,
-        }
-        try:
-            out.update(self._call("stats", lambda: self._store.counts(self._now())))
-        except CacheUnavailable as exc:
-            out["error"] = str(exc)
-        return out
 
     def close(self) -> None:
         """Close this process's connections (and the pool); later calls raise
@@ -357,7 +344,7 @@ class DatabaseSessionCache(RemoteSessionCache):
             if row is None:
                 row = store.create_meta(None, mine)
             if row[1] != mine:
-                raise InvalidArgument(
+                raise SecretMismatch(
                     f"secret= is not the secret table {store.table!r} is used with (its "
                     f"{store.meta} row holds another fingerprint): every host must be given "
                     "the same secret, or none"
@@ -368,7 +355,7 @@ class DatabaseSessionCache(RemoteSessionCache):
             row = store.create_meta(fresh, fingerprint(fresh))
         raw, fp = row
         if raw is None:
-            raise InvalidArgument(
+            raise SecretMismatch(
                 f"table {store.table!r} is used with a secret given to each client "
                 "(secret=), and this client was given none"
             )
@@ -402,20 +389,3 @@ class DatabaseSessionCache(RemoteSessionCache):
         except Exception:  # a codec that cannot read it: a miss, as in the shared table
             self._decode_errors += 1
             return None
-
-    def _damaged(self) -> list[bytes]:
-        secret = self._current("check")[0]
-
-        def scan() -> list[bytes]:
-            table = self._store.table
-            return [key for key, owner, value in self._store.rows()
-                    if open_value(secret, table, key, owner, value) is None]
-
-        return self._call("check", scan)
-
-    def _reclaim(self) -> None:
-        # A failure is counted; the set itself succeeded, and the next reclaim tries again.
-        with contextlib.suppress(CacheUnavailable):
-            self._reclaimed += self._call(
-                "reclaim", lambda: self._store.purge(self._now(), RECLAIM_BATCH)
-            )

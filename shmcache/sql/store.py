@@ -16,15 +16,40 @@ The table (``{t}`` is ``table=``, default ``shmcache_sessions``)::
                + an index on owner (WHERE owner IS NOT NULL) and one on expires
     {t}_meta   one row (id = 1): the shared secret (NULL when every client is given
                ``secret=``) and a fingerprint of the secret in use
+    {t}_stamps key BYTES PRIMARY KEY, stamp INT64 NOT NULL: the leases' bookkeeping
 
 Every statement that reads or writes sessions also checks the meta row's fingerprint in
 the same statement or transaction, so a client never acts on a key space that the others
 no longer use (the secret was replaced, or the tables were dropped and made again).
 
-Leases (a ``set`` refused when an invalidation of that token landed since the miss that
-led to it) fit this shape: a ``{t}_stamps (key PRIMARY KEY, stamp INT64)`` table written
-in the same statement as each delete, and one more ``NOT EXISTS`` in the ``set``'s
-``INSERT ... SELECT ... WHERE``, which already carries the fingerprint check.
+Leases (issue 11; ``shmcache/_leases.py``): a ``set`` that follows a miss of the same token
+in the same thread is refused if a logout of that token, of the set's user, or a ``clear``
+committed after the miss. The rows of ``{t}_stamps``::
+
+    b"head"        the last stamp handed out: every logout raises it to max(head + 1,
+                   the database's clock in microseconds), in the logout's transaction
+    b"floor"       leases below it are void (raised by clear and by reclaims)
+    b"drops"       how many sets leases refused (for stats)
+    a key hash     the stamp of the last invalidate of that token     (16 bytes each:
+    an owner hash  the stamp of the last invalidate_by_user of a user  keyed BLAKE2b-128)
+
+A ``get`` that misses reads ``head`` in the same statement as the row: that is its lease.
+The leased ``set`` is stored only if ``floor <= lease`` and neither its key's nor its
+owner's stamp is above the lease; otherwise it deletes the token's row instead (no older
+copy is served either) and counts a drop. Stamps are ordered by commit: every logout
+updates ``head`` (SQLite: writers take turns; PostgreSQL: the row lock), so a logout that
+was not committed when the ``get`` read ``head`` stamps above it. The check and the write
+are one step for every logout: SQLite's writers take turns on the file; on PostgreSQL
+the leased set and the logouts are functions that lock before they read
+(``pg_leases.py`` says why a statement's snapshot is not enough).
+
+What a missing stamp means: "no logout since the floor". Stamp rows older than the lease
+timeout are reclaimed with expired sessions, and the reclaim raises ``floor`` to the
+newest stamp it deletes in the same transaction, so a lease old enough to have seen a
+deleted stamp is void, never let through. ``clear`` deletes every stamp and raises
+``floor`` to its own. Missing ``head`` or ``floor`` rows (PostgreSQL empties an UNLOGGED
+table after a crash) void every lease: the next ``get`` that notices starts them again
+at the database's clock, above every lease handed out before.
 """
 
 from __future__ import annotations
@@ -34,6 +59,7 @@ import os
 import re
 import threading
 import weakref
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
@@ -43,6 +69,11 @@ MAX_TABLE = 48  # PostgreSQL identifiers end at 63 bytes; "_invalidations" takes
 _TABLE = re.compile(r"[a-z_][a-z0-9_]*\Z")
 C = TypeVar("C")
 T = TypeVar("T")
+
+# The special rows of {t}_stamps (see the module docstring); every other key is 16 bytes.
+HEAD, FLOOR, DROPS = b"head", b"floor", b"drops"
+HASH_BYTES = 16
+Row = tuple[bytes, "bytes | None", int]  # value, owner, ms left
 
 # A forked child must never use (nor close: PQfinish/sqlite3_close would act on the
 # parent's sockets and locks) what it inherited: those objects are parked here for the
@@ -124,7 +155,7 @@ class LocalPool(Generic[C]):
             self._idle = []
 
 
-class SqlStore:
+class SqlStore(ABC):
     """One session table on one database, used by one ``DatabaseSessionCache``.
 
     Methods take ``now`` (ms on the caller's clock, or None for the database's clock) and
@@ -140,6 +171,7 @@ class SqlStore:
     def __init__(self, table: str, timeout: float) -> None:
         self.table = check_table(table)
         self.meta = table + "_meta"
+        self.stamps = table + "_stamps"
         self.channel = table + "_invalidations"
         self.timeout = timeout
         self._schema_ready = False
@@ -165,79 +197,120 @@ class SqlStore:
             self._with_connection(self.create_schema)
         return self._with_connection(fn)
 
+    @abstractmethod
     def _with_connection(self, fn: Callable[[Any], T]) -> T:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def describe(self) -> str:
         """The database, for messages (never a password)."""
-        raise NotImplementedError
+        ...
 
-    def forget_connections(self) -> None:
-        """In a forked child: drop (without closing) the parent's connections."""
+    def forget_connections(self) -> None:  # noqa: B027 (a default, not an abstract method)
+        """In a forked child: drop (without closing) the parent's connections. The default:
+        a store that keeps none has nothing to drop."""
 
+    @abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        ...
 
     # -- the dialect's SQL ---------------------------------------------------------------
 
+    @abstractmethod
     def create_schema(self, conn: Any) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def is_missing_table(self, exc: BaseException) -> bool:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def read_meta(self) -> tuple[bytes | None, bytes] | None:
         """``(secret or None, fingerprint)`` of the meta row, or None if there is none."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def create_meta(self, secret: bytes | None, fp: bytes) -> tuple[bytes | None, bytes]:
         """Write the meta row unless one exists (then announce ``b"c"``: every key made
         under an older secret is orphaned); return the row that is there now."""
-        raise NotImplementedError
+        ...
 
-    def lookup(
-        self, key: bytes, fp: bytes, now: int | None
-    ) -> tuple[bytes, bytes | None, int] | None:
-        """``(value, owner, ms left)`` of the live row of ``key``, or None."""
-        raise NotImplementedError
+    @abstractmethod
+    def lookup(self, key: bytes, fp: bytes, now: int | None) -> tuple[Row | None, int | None]:
+        """``(value, owner, ms left)`` of the live row of ``key`` or None, and, read in the
+        same statement, the lease a miss takes: the ``head`` stamp (None if the stamps
+        were lost: ``restart_stamps``)."""
+        ...
 
+    @abstractmethod
     def store(
         self, key: bytes, owner: bytes | None, value: bytes, ttl_ms: int, fp: bytes,
-        now: int | None,
-    ) -> None:
-        raise NotImplementedError
+        now: int | None, lease: int | None = None,
+    ) -> bool:
+        """Write the row; with a ``lease``, only if no logout of ``key``, of ``owner``, nor
+        a clear came after it (checked atomically with the write), else delete ``key``'s
+        row and count a drop. True if stored."""
+        ...
 
+    @abstractmethod
+    def drop(self, key: bytes, fp: bytes) -> None:
+        """A set refused before it reached the database (its lease expired): delete
+        ``key``'s row (no older copy is served) and count a drop."""
+        ...
+
+    @abstractmethod
+    def restart_stamps(self) -> None:
+        """Make ``head`` and ``floor`` again if they are missing, both at the database's
+        clock: every lease handed out before is void (its logouts may be lost)."""
+        ...
+
+    @abstractmethod
     def remove(self, key: bytes, fp: bytes, message: str) -> None:
-        """Delete ``key`` and send ``message`` (PostgreSQL: NOTIFY) in one transaction."""
-        raise NotImplementedError
+        """Delete ``key``, stamp it, and send ``message`` (PostgreSQL: NOTIFY) in one
+        transaction."""
+        ...
 
+    @abstractmethod
     def revoke(self, owner: bytes, fp: bytes, now: int | None, message: str) -> int:
-        """Delete every row of ``owner`` (and send ``message``) in one transaction;
-        returns how many of them were live."""
-        raise NotImplementedError
+        """Delete every row of ``owner``, stamp it (and send ``message``) in one
+        transaction; returns how many of them were live."""
+        ...
 
+    @abstractmethod
     def clear(self, fp: bytes, message: str) -> None:
-        raise NotImplementedError
+        """Delete every row and every stamp, and raise ``floor`` to a new stamp."""
+        ...
 
+    @abstractmethod
+    def reclaim_stamps(self, age_ms: int) -> int:
+        """Delete the stamps older than ``age_ms`` (on the database's clock) and raise
+        ``floor`` to the newest of them, in one transaction; returns how many."""
+        ...
+
+    @abstractmethod
     def purge(self, now: int | None, limit: int | None = None) -> int:
         """Delete expired rows (at most ``limit``, oldest first); returns how many."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def delete_keys(self, keys: list[bytes]) -> int:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def counts(self, now: int | None) -> dict[str, Any]:
-        """Table-wide figures: live and expired rows, users with live rows, and what the
-        dialect adds."""
-        raise NotImplementedError
+        """Table-wide figures: live and expired rows, users with live rows, stamps and
+        lease drops, and what the dialect adds."""
+        ...
 
+    @abstractmethod
     def rows(self, batch: int = 1000) -> Iterator[tuple[bytes, bytes | None, bytes]]:
         """Every ``(key, owner, value)``, in key order, ``batch`` rows per statement."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def problems(self, shared_secret: bool) -> list[str]:
         """What the dialect itself finds wrong (database integrity, file permissions)."""
-        raise NotImplementedError
+        ...
 
     def listen(self) -> Any:
         """A subscription to ``channel`` (see ``shmcache._remote.RemoteTier``)."""

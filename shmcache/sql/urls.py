@@ -11,8 +11,9 @@ entry points (``DatabaseSessionCache``, ``shmcache._open``, the admin command).
     shm+postgresql://user@host/db?shm=NAME&value_size=1024&max_staleness=1
                                          the host's shared-memory table in front
 
-``open_cache`` also takes ``table``, ``timeout``, ``fail_open`` (and ``unlogged`` on
-PostgreSQL) in the query string; ``DatabaseSessionCache(url)`` takes them as arguments.
+``open_cache`` also takes ``table``, ``timeout``, ``fail_open``, ``lease_timeout`` (and
+``unlogged`` on PostgreSQL) in the query string; ``DatabaseSessionCache(url)`` takes them
+as arguments.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from .store import SqlStore
 
 DIALECTS = ("sqlite", "postgresql")
 _SCHEMES = {"sqlite": "sqlite", "postgresql": "postgresql", "postgres": "postgresql"}
-_DB_PARAMS: dict[str, type] = {"table": str, "timeout": float, "fail_open": bool}
+_DB_PARAMS: dict[str, type] = {
+    "table": str, "timeout": float, "fail_open": bool, "lease_timeout": float,
+}
 _PG_PARAMS: dict[str, type] = {**_DB_PARAMS, "unlogged": bool}
 _OPTIONS = {"codec", "secret", "clock", "user_id_of"}
 
@@ -102,7 +105,8 @@ def make_store(
 
         path = None if url is None else sqlite_path(url)
         return SqliteStore(table, timeout, path=path, connect=connect)
-    from .postgres import PostgresStore, conninfo_params
+    from .pg_connections import conninfo_params
+    from .postgres import PostgresStore
 
     if url is not None:
         conninfo_params(_hint(url))

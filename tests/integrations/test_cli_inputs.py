@@ -1,10 +1,11 @@
 """Every ``shmcache`` subcommand against every kind of bad input (issue 12).
 
 What a user may point the command at: a directory, a FIFO, an empty file, a random file, a
-segment of another user, a symlink, a name that does not exist, half a pair of names; bad
-numbers; a closed or broken stdout. The answer is always one line on stderr and a non-zero
-status (141 and silence for a reader that went away), never a traceback, and nothing
-behind the name changes. The matrix runs ``main()`` in this process (it never raises, so
+segment of another user, a symlink, a name that does not exist, what an older shmcache left
+(its semaphore alone, or a segment of its layout beside its semaphore); bad numbers; a
+closed or broken stdout. The answer is always one line on stderr and a non-zero status
+(141 and silence for a reader that went away), never a traceback, and nothing behind the
+name changes. The matrix runs ``main()`` in this process (it never raises, so
 this is what a user sees); the stream cases need a real process and run one.
 """
 
@@ -22,6 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import _workers
+import posix_ipc
 import pytest
 
 from shmcache import SharedMemorySessionCache
@@ -72,7 +74,6 @@ def _foreign_segment(name: str, path: str) -> None:
     cache.set(TOKEN, {"user": "somebody"}, 600, user_id=7)
     cache.close()
     os.chown(path, NOBODY, NOBODY)
-    os.chown(os.path.join(os.path.dirname(path), "sem." + name), NOBODY, NOBODY)
 
 
 def _symlink_to_live(name: str, path: str) -> None:
@@ -82,10 +83,18 @@ def _symlink_to_live(name: str, path: str) -> None:
     os.symlink(os.path.join(os.path.dirname(path), target), path)
 
 
-def _half_pair(name: str, path: str) -> None:
-    """A segment without its semaphore, as a crash during creation leaves it."""
+def _old_semaphore_only(name: str, path: str) -> None:
+    """The semaphore an older shmcache made beside NAME, left alone (its segment removed)."""
+    posix_ipc.Semaphore("/" + name, posix_ipc.O_CREX).close()
+
+
+def _old_layout(name: str, path: str) -> None:
+    """A segment of layout 2 (the last that locked with the semaphore) and its semaphore."""
     SharedMemorySessionCache.create(name, capacity=16).close()
-    os.unlink(os.path.join(os.path.dirname(path), "sem." + name))
+    with open(path, "r+b") as f:
+        f.seek(8)
+        f.write((2).to_bytes(4, "little"))  # the header's layout version
+    _old_semaphore_only(name, path)
 
 
 def _magic_only(name: str, path: str) -> None:
@@ -100,7 +109,8 @@ INPUTS: dict[str, Callable[[str, str], None] | None] = {
     "empty file": _write(b""),
     "random file": _write(os.urandom(20000)),
     "magic only": _magic_only,
-    "half pair": _half_pair,
+    "old semaphore only": _old_semaphore_only,
+    "old layout": _old_layout,
     "symlink": _symlink_to_live,
     "foreign segment": _foreign_segment,
 }
@@ -170,8 +180,8 @@ def test_every_command_refuses_every_odd_name_in_one_line(
     before = _snapshot(name)
     argv = [name if a == "NAME" else a for a in COMMANDS[command]]
     status, out, err = run_main(argv, capsys)
-    if command == "create" and kind == "missing":
-        assert status == 0, err  # the one case that is not a refusal
+    if command == "create" and kind in ("missing", "old semaphore only"):
+        assert status == 0, err  # no segment by that name: not a refusal
         return
     assert_refused(status, out, err, argv[0])
     assert _snapshot(name) == before, "a refused command changed what is behind the name"
@@ -195,7 +205,8 @@ def test_the_foreign_segment_is_usable_with_owner_only(
 
 
 @pytest.mark.parametrize(
-    "kind", ["fifo", "socket", "empty file", "random file", "magic only", "half pair", "symlink"]
+    "kind", ["fifo", "socket", "empty file", "random file", "magic only", "old semaphore only",
+             "old layout", "symlink"]
 )
 def test_unlink_force_removes_what_is_yours_and_only_the_name(
     kind: str, odd: Callable[[str], str], capsys: pytest.CaptureFixture[str]
@@ -204,6 +215,7 @@ def test_unlink_force_removes_what_is_yours_and_only_the_name(
     status, _, err = run_main(["unlink", name, "--force"], capsys)
     assert status == 0, err
     assert not os.path.lexists(f"/dev/shm/{name}")
+    assert not os.path.lexists(f"/dev/shm/sem.{name}")  # an older shmcache's leftover too
     if kind == "symlink":  # the link went, not what it pointed at
         assert os.path.exists(f"/dev/shm/{name}-target")
 

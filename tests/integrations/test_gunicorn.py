@@ -23,7 +23,8 @@ WAIT = 60.0  # generous: turns a hang into a failure, never a speed requirement
 
 
 def _gone(name: str) -> bool:
-    return not os.path.exists(f"/dev/shm/{name}") and not os.path.exists(f"/dev/shm/sem.{name}")
+    """Nothing left in /dev/shm: no segment, and no semaphore (shmcache makes none now)."""
+    return not os.path.lexists(f"/dev/shm/{name}") and not os.path.lexists(f"/dev/shm/sem.{name}")
 
 
 def _wait_for(predicate, what: str, timeout: float = WAIT) -> None:  # type: ignore[no-untyped-def]

@@ -143,7 +143,9 @@ def test_one_cache_one_slot(cluster: Cluster, make_name: Callable[[], str]) -> N
         (port,) = found
         keys = found[port]
         assert port == cluster.owner_of(slot_of(prefix)).port
-        assert len(keys) == 5 + 2 + 2  # sessions, user indexes, secret and fingerprint
+        # sessions, user indexes, secret and fingerprint, and the logout clock and clear
+        # mark that the secret's creation made (it voids the leases of a lost secret)
+        assert len(keys) == 5 + 2 + 2 + 2
         assert {key_slot(k) for k in keys} == {slot_of(prefix)}
         nodes_used.add(port)
     assert len(nodes_used) >= 2
@@ -161,7 +163,11 @@ def test_clear_across_nodes(cluster: Cluster, make_name: Callable[[], str]) -> N
             a.set(f"t{i}", i, 60, user_id=str(i % 7))
         b.set("t1", "b's", 60)
         a.clear()
-        assert len(keys_by_node(cluster, a_prefix)[cluster.primaries[0].port]) == 2
+        left = keys_by_node(cluster, a_prefix)[cluster.primaries[0].port]
+        tag = ("{" + a_prefix + "}").encode()
+        # the secret and its fingerprint stay, and so do the leases' clock and clear mark
+        assert sorted(left) == [tag + name for name in (b"cleared", b"clock", b"fingerprint",
+                                                        b"secret")]
         assert all(a.get(f"t{i}") is None for i in (0, 749, 1499))
         assert b.get("t1") == "b's"
         assert a.invalidate_by_user("3") == 0

@@ -61,9 +61,8 @@ def test_default_modes_are_owner_only_even_with_umask_0(segment_name: str, value
         cache = SharedMemorySessionCache.create(segment_name, capacity=16, value_size=value_size)
     try:
         assert mode_of(seg_path(segment_name)) == 0o600
-        assert mode_of(sem_path(segment_name)) == 0o600
         assert os.stat(seg_path(segment_name)).st_uid == os.geteuid()
-        assert os.stat(sem_path(segment_name)).st_uid == os.geteuid()
+        assert not os.path.lexists(sem_path(segment_name))  # one name: no semaphore beside it
     finally:
         cache.close()
 
@@ -74,7 +73,6 @@ def test_explicit_mode_is_exact_whatever_the_umask(segment_name: str, mask: int)
         cache = SharedMemorySessionCache.create(segment_name, capacity=16, mode=0o640)
     try:
         assert mode_of(seg_path(segment_name)) == 0o640
-        assert mode_of(sem_path(segment_name)) == 0o640
     finally:
         cache.close()
 
@@ -113,7 +111,6 @@ def test_raw_token_never_reaches_the_segment(segment_name: str, value_size: int)
         assert tag in blob
         for t in tokens:
             _assert_absent(blob, t)
-        _assert_absent(Path(sem_path(segment_name)).read_bytes(), tokens[0])
     finally:
         other.close()
         cache.close()
@@ -136,34 +133,24 @@ def test_same_token_gets_unrelated_tags_in_two_segments(make_name: Callable[[], 
 
 
 @needs_root
-@pytest.mark.parametrize("which", ["both", "segment", "semaphore"])
-def test_segment_owned_by_another_uid_is_refused(segment_name: str, which: str) -> None:
+def test_segment_owned_by_another_uid_is_refused(segment_name: str) -> None:
     cache = SharedMemorySessionCache.create(segment_name, capacity=16, value_size=64)
     cache.set("tok", {"token": "tok"}, 600.0)
     cache.close()
-    if which in ("both", "segment"):
-        os.chown(seg_path(segment_name), NOBODY, -1)
-    if which in ("both", "semaphore"):
-        os.chown(sem_path(segment_name), NOBODY, -1)
+    os.chown(seg_path(segment_name), NOBODY, -1)
     with pytest.raises(SegmentPermissionError, match=f"uid {NOBODY}") as excinfo:
         SharedMemorySessionCache.attach(segment_name)
     assert isinstance(excinfo.value, ShmCacheError)
     assert isinstance(excinfo.value, PermissionError)
-    if which == "both":
-        # Trusting another owner's segment does not extend to unpickling what it wrote...
-        with pytest.raises(InvalidArgument, match="unpickled"):
-            SharedMemorySessionCache.attach(segment_name, owner_uid=NOBODY)
-        # ...unless the caller names the codec itself.
-        trusted = SharedMemorySessionCache.attach(
-            segment_name, owner_uid=NOBODY, codec=PickleCodec()
-        )
-        try:
-            assert trusted.get("tok") == {"token": "tok"}
-        finally:
-            trusted.close()
-    else:  # the owner to trust must own both names
-        with pytest.raises(SegmentPermissionError):
-            SharedMemorySessionCache.attach(segment_name, owner_uid=NOBODY)
+    # Trusting another owner's segment does not extend to unpickling what it wrote...
+    with pytest.raises(InvalidArgument, match="unpickled"):
+        SharedMemorySessionCache.attach(segment_name, owner_uid=NOBODY)
+    # ...unless the caller names the codec itself.
+    trusted = SharedMemorySessionCache.attach(segment_name, owner_uid=NOBODY, codec=PickleCodec())
+    try:
+        assert trusted.get("tok") == {"token": "tok"}
+    finally:
+        trusted.close()
 
 
 @needs_root
@@ -176,16 +163,12 @@ def test_owner_uid_of_someone_else_refuses_our_own_segment(segment_name: str) ->
 # -- writable by others ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "seg_mode,sem_mode",
-    [(0o666, 0o666), (0o620, 0o600), (0o602, 0o600), (0o600, 0o666), (0o600, 0o620)],
-)
+@pytest.mark.parametrize("seg_mode", [0o666, 0o620, 0o602, 0o622])
 def test_segment_writable_by_others_is_refused_unless_allowed(
-    segment_name: str, seg_mode: int, sem_mode: int
+    segment_name: str, seg_mode: int
 ) -> None:
     SharedMemorySessionCache.create(segment_name, capacity=16).close()
     os.chmod(seg_path(segment_name), seg_mode)
-    os.chmod(sem_path(segment_name), sem_mode)
     with pytest.raises(SegmentPermissionError, match="write"):
         SharedMemorySessionCache.attach(segment_name)
     allowed = SharedMemorySessionCache.attach(segment_name, allow_writable_by_others=True)
@@ -233,32 +216,40 @@ def test_create_refuses_a_squatted_segment_name_and_leaves_it_alone(segment_name
         before[1].st_size,
         before[1].st_ino,
     )
-    assert not os.path.exists(sem_path(segment_name))  # nothing of ours left behind
+    assert not os.path.lexists(sem_path(segment_name))  # nothing of ours left behind
 
 
-def test_create_refuses_a_squatted_semaphore_name(segment_name: str) -> None:
+@needs_root
+def test_a_squatted_semaphore_name_neither_blocks_nor_is_touched(segment_name: str) -> None:
+    """Another user's semaphore under ``sem.NAME`` (the name older versions used): the
+    segment is made and used beside it, and even removing the segment leaves it alone."""
     squatter = posix_ipc.Semaphore("/" + segment_name, posix_ipc.O_CREX, initial_value=3)
     try:
-        st = os.stat(sem_path(segment_name))
-        with pytest.raises(FileExistsError) as excinfo:
-            SharedMemorySessionCache.create(segment_name, capacity=16)
-        assert isinstance(excinfo.value, ShmCacheError)
+        os.chown(sem_path(segment_name), NOBODY, NOBODY)
+        before = os.stat(sem_path(segment_name))
+        with SharedMemorySessionCache.create(segment_name, capacity=16, value_size=64) as cache:
+            cache.set("tok", {"token": "tok"}, 600.0)
+            with SharedMemorySessionCache.attach(segment_name) as other:
+                assert other.get("tok") == {"token": "tok"}
+            cache.unlink()
+        assert not os.path.lexists(seg_path(segment_name))
+        after = os.stat(sem_path(segment_name))
+        assert (after.st_ino, after.st_mode, after.st_uid) == (
+            before.st_ino, before.st_mode, before.st_uid
+        )
         assert squatter.value == 3  # untouched
-        st2 = os.stat(sem_path(segment_name))
-        assert (st2.st_ino, st2.st_mode, st2.st_uid) == (st.st_ino, st.st_mode, st.st_uid)
-        assert not os.path.exists(seg_path(segment_name))  # our half-made segment removed
     finally:
+        squatter.unlink()
         squatter.close()
 
 
-@pytest.mark.parametrize("which", ["segment", "semaphore"])
 def test_create_refuses_a_symlink_squat_and_never_touches_its_target(
-    segment_name: str, tmp_path: Path, which: str
+    segment_name: str, tmp_path: Path
 ) -> None:
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious\n")
     victim.chmod(0o644)
-    link = seg_path(segment_name) if which == "segment" else sem_path(segment_name)
+    link = seg_path(segment_name)
     os.symlink(victim, link)
     try:
         with pytest.raises(FileExistsError):
@@ -266,27 +257,39 @@ def test_create_refuses_a_symlink_squat_and_never_touches_its_target(
         assert victim.read_bytes() == b"precious\n"
         assert mode_of(str(victim)) == 0o644
         assert os.path.islink(link)
-        other = sem_path(segment_name) if which == "segment" else seg_path(segment_name)
-        assert not os.path.lexists(other)
+        assert not os.path.lexists(sem_path(segment_name))
     finally:
         os.unlink(link)
+
+
+def test_a_symlink_at_the_semaphore_name_is_never_followed(
+    segment_name: str, tmp_path: Path
+) -> None:
+    """A link planted at ``sem.NAME``: create, attach and unlink work beside it, and neither
+    the link nor its target (a file of a semaphore's size) is touched."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(bytes(32))
+    victim.chmod(0o644)
+    os.symlink(victim, sem_path(segment_name))
+    with SharedMemorySessionCache.create(segment_name, capacity=16) as cache:
+        SharedMemorySessionCache.attach(segment_name).close()
+        cache.unlink()
+    assert os.path.islink(sem_path(segment_name))
+    assert victim.read_bytes() == bytes(32) and mode_of(str(victim)) == 0o644
 
 
 @needs_root
 def test_attach_refuses_a_symlink_planted_by_another_user(
     segment_name: str, make_name: Callable[[], str]
 ) -> None:
-    """Another user points /dev/shm/NAME (and sem.NAME) at one of our genuine segments: we
-    must not attach through it, and the refusal is a ShmCacheError like the others."""
+    """Another user points /dev/shm/NAME at one of our genuine segments: we must not attach
+    through it, and the refusal is a ShmCacheError like the others."""
     real = make_name()
     SharedMemorySessionCache.create(real, capacity=16).close()
     os.symlink(seg_path(real), seg_path(segment_name))
-    os.symlink(sem_path(real), sem_path(segment_name))
     os.lchown(seg_path(segment_name), NOBODY, NOBODY)
-    os.lchown(sem_path(segment_name), NOBODY, NOBODY)
     try:
         with pytest.raises(ShmCacheError):
             SharedMemorySessionCache.attach(segment_name)
     finally:
         os.unlink(seg_path(segment_name))
-        os.unlink(sem_path(segment_name))

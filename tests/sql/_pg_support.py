@@ -249,7 +249,11 @@ def sqlite_cache(clock: Any, make_name: Callable[[], str], **options: Any) -> An
 
 
 def pg_cache(clock: Any, make_name: Callable[[], str], **options: Any) -> Any:
-    """A ``DatabaseSessionCache`` on a fresh table of the shared server (contract suite)."""
+    """A ``DatabaseSessionCache`` on a fresh table of the shared server (contract suite).
+    Its pool waits up to 5 s for a connection (the default is 1 s): on a 2-core machine
+    running the whole suite, a new PostgreSQL backend can take longer than a second to
+    start, and these tests are about the contract, not about timeouts."""
+    options.setdefault("timeout", 5.0)
     return DatabaseSessionCache(
         shared_server().url(), table=table_name(make_name), clock=clock, **options
     )

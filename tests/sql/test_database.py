@@ -19,10 +19,12 @@ import pytest
 from shmcache import (
     CacheClosed,
     DatabaseSessionCache,
+    IncompatibleSegment,
     InvalidArgument,
     InvalidType,
     JsonCodec,
     PickleCodec,
+    SecretMismatch,
     ShmCacheError,
 )
 from shmcache.sql import cache as sql_cache
@@ -136,12 +138,17 @@ def test_given_secret_stores_only_its_fingerprint(
     ((secret, fp),) = sql(a, f"SELECT secret, fingerprint FROM {a.table}_meta")
     assert secret is None and bytes(fp) == sql_cache.fingerprint(SECRET)
     assert make(secret=SECRET.decode()).get("tok") == {"n": 1}  # str secrets: UTF-8
-    for other in (make(secret=b"another-secret-0123456789"), make(),
-                  make(secret=b"another-secret-0123456789", fail_open=True)):
-        with pytest.raises(InvalidArgument, match="secret"):
+    other_secret = b"another-secret-0123456789"
+    for other in (make(secret=other_secret), make(), make(secret=other_secret, fail_open=True)):
+        with pytest.raises(SecretMismatch, match=repr(a.table)) as info:
             other.get("tok")  # loud, even with fail_open: a config error, not an outage
-        with pytest.raises(InvalidArgument, match="secret"):
+        assert isinstance(info.value, IncompatibleSegment)
+        for secret in (SECRET, other_secret):  # named: the table; never a secret
+            assert secret.decode() not in str(info.value)
+            assert secret.hex() not in str(info.value)
+        with pytest.raises(SecretMismatch, match="secret"):
             other.invalidate("tok")
+        assert other.check() == [str(info.value)]
     assert a.get("tok") == {"n": 1}  # the refused clients changed nothing
 
 
@@ -149,7 +156,7 @@ def test_shared_secret_client_refused_by_a_given_secret_client(
     make: Callable[..., DatabaseSessionCache],
 ) -> None:
     make().set("tok", "s", 60)
-    with pytest.raises(InvalidArgument, match="secret"):
+    with pytest.raises(SecretMismatch, match="secret"):
         make(secret=SECRET).get("tok")
 
 
@@ -310,10 +317,12 @@ def test_postgres_table_is_unlogged_unless_asked(pg_server: PostgresServer, pg_t
         with DatabaseSessionCache(pg_server.url(), table=table, unlogged=unlogged) as cache:
             cache.set("tok", "s", 60)
         kinds = dict(pg_server.sql(
-            "SELECT relname, relpersistence FROM pg_class WHERE relname IN (%s, %s)",
-            (table, table + "_meta"),
+            "SELECT relname, relpersistence FROM pg_class WHERE relname IN (%s, %s, %s)",
+            (table, table + "_meta", table + "_stamps"),
         ))
-        assert kinds == {table: persistence, table + "_meta": "p"}  # the secret is logged
+        assert kinds == {  # the secret is logged; the leases' stamps go with the sessions
+            table: persistence, table + "_meta": "p", table + "_stamps": persistence,
+        }
 
 
 def test_connect_callable(url: str, pg_table: str, clock: Any) -> None:

@@ -120,11 +120,17 @@ def test_admin_commands(db_url: str, opened: Callable[..., Any]) -> None:
     cache = opened(db_url)
     cache.set(TOKEN, {"user": "alice", "secret": "payload-xyz"}, 600, user_id=7)
     cache.set("other", {"user": "bob"}, 600, user_id=8)
+    assert cache.get("raced") is None
+    cache.invalidate("gone")
+    shmcache("revoke-user", db_url, "nobody")  # (another process)
+    cache.set("raced", {"user": "carol"}, 600, user_id="nobody")  # refused: a lease drop
     human = shmcache("stats", db_url)
     assert human.returncode == 0, human.stderr
     assert "2 live" in human.stdout and cache.table in human.stdout
+    assert "1 sets refused" in human.stdout and "2 logout stamps" in human.stdout
     data = json.loads(shmcache("stats", db_url, "--json").stdout)
     assert (data["entries"], data["expired"], data["users"]) == (2, 0, 2)
+    assert (data["lease_drops"], data["stamps"]) == (1, 2)
     assert shmcache("check", db_url).returncode == 0
     revoked = shmcache("revoke-user", db_url, "7")
     assert revoked.returncode == 0 and "dropped 1 live sessions" in revoked.stdout
@@ -163,9 +169,10 @@ def test_admin_errors(db_url: str, tmp_path: Any) -> None:
 def test_admin_with_a_given_secret(db_url: str, opened: Callable[..., Any]) -> None:
     cache = opened(db_url, secret=SECRET)
     cache.set(TOKEN, "s", 600, user_id=7)
-    assert "SHMCACHE_SECRET" in one_line_error(shmcache("revoke-user", db_url, "7"))
-    wrong = shmcache("revoke-user", db_url, "7", env={"SHMCACHE_SECRET": "x" * 32})
-    assert "secret" in one_line_error(wrong)
+    missing = one_line_error(shmcache("revoke-user", db_url, "7"))
+    assert "secret" in missing and "SHMCACHE_SECRET" in missing
+    wrong = one_line_error(shmcache("revoke-user", db_url, "7", env={"SHMCACHE_SECRET": "x" * 32}))
+    assert "another fingerprint" in wrong and repr(cache.table) in wrong and "x" * 32 not in wrong
     assert cache.get(TOKEN) == "s"
     done = shmcache("revoke-user", db_url, "7", env={"SHMCACHE_SECRET": SECRET})
     assert done.returncode == 0 and "dropped 1" in done.stdout

@@ -83,28 +83,39 @@ def _connections(cache: Any) -> set[Any]:
     return ids | {id(conn) for conn in cache._store._pool._idle}
 
 
-def test_threads_share_one_cache(cache: Any) -> None:
+def test_threads_share_one_cache(url: str) -> None:
     """16 threads on one object: each sees its own writes and logouts at once, and never
-    another token's session; connections stay bounded by the pool."""
+    another token's session; leases are per thread (a thread's set after its own miss and
+    its own logout is dropped, exactly when the model says); connections stay bounded by
+    the pool."""
     errors: list[str] = []
     shared = [f"shared-{i}" for i in range(10)]
     users = ("u0", "u1")
+    # No lease expires during the test, however slow the machine: the model has no clock.
+    cache = open_cache(url, lease_timeout=3600)
 
     def worker(w: int) -> None:
         rng = random.Random(w)
+        leases: dict[str, bool] = {}  # this thread's leases on its tokens: voided yet?
         try:
             for n in range(120):
                 mine = f"t-{w}-{rng.randrange(15)}"
                 r = rng.random()
                 if r < 0.35:
                     s = {"token": mine, "n": n}
+                    voided = leases.pop(mine, False)
                     cache.set(mine, s, 60)
-                    if cache.get(mine) != s:
-                        errors.append(f"{w}/{n}: lost own set of {mine}")
+                    if cache.get(mine) != (None if voided else s):
+                        errors.append(f"{w}/{n}: set of {mine} (lease voided: {voided})")
+                    if voided:
+                        leases[mine] = False  # that get missed: a new lease
                 elif r < 0.55:
                     cache.invalidate(mine)
+                    if mine in leases:
+                        leases[mine] = True
                     if cache.get(mine) is not None:
                         errors.append(f"{w}/{n}: {mine} alive after own invalidate")
+                    leases.setdefault(mine, False)  # a miss; an older lease is kept
                 elif r < 0.75:
                     t = rng.choice(shared)
                     cache.set(t, {"token": t, "w": w}, 60, user_id=rng.choice(users))
@@ -132,6 +143,7 @@ def test_threads_share_one_cache(cache: Any) -> None:
         assert 1 <= cache._store._pool.get_stats()["pool_size"] <= POOL_MAX
     else:
         assert len(cache._store._pool._idle) <= 8
+    cache.close()
 
 
 def _child_after_fork(cache: Any, parents: set[Any], conn: Any) -> None:

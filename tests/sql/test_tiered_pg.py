@@ -239,3 +239,22 @@ def test_sqlite_cannot_be_a_remote_tier(sqlite_file: str, segment_name: str) -> 
     local = SharedMemorySessionCache.create(segment_name, capacity=64, value_size=256)
     with local, remote, pytest.raises(InvalidArgument, match="shm\\+postgresql"):
         TieredSessionCache(local, remote)
+
+
+def test_a_refused_set_leaves_no_local_copy(
+    pg_server: PostgresServer, pg_table: str, make_name: Callable[[], str], clock: Any
+) -> None:
+    """Leases end to end over PostgreSQL: host B misses, host A logs the token out, B's
+    racing set is refused by the database, and B's own table does not keep the session
+    either (the database's store raises LeaseDropped to the tier in front)."""
+    with (
+        tiered_pg(pg_server, make_name(), clock, table=pg_table) as a,
+        tiered_pg(pg_server, make_name(), clock, table=pg_table) as b,
+    ):
+        assert b.get("tok") is None  # the miss: B's thread holds a lease
+        a.invalidate("tok")  # the logout, on another host
+        b.set("tok", "session", 60)  # the racing validation's set
+        assert b.get("tok") is None and a.get("tok") is None
+        assert b.stats()["lease_drops"] >= 1
+        b.set("tok", "session", 60)  # a later login (no miss before it): cached
+        assert b.get("tok") == "session"
