@@ -165,6 +165,8 @@ def kill_at_store(cache: Any, budget: int | None = None, torn: int = -1) -> None
     else:
         table._buf = KillOnWrite(table._buf, shared)
         table.words = KillOnWrite(table.words, shared)
+        if table.arena is not None:  # the allocator's stores count too
+            table.arena.words = table.words
     cache._lock.release = lambda: None  # die holding it
     if cache._fast is not None:
         cache._fast.test_hooks(budget=-1 if budget is None else budget, torn=torn, hold=True)

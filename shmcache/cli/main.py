@@ -114,7 +114,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         owner_text = "free" if owner is None else f"held by pid {owner} (alive)"
     rows = [
         ("segment", f"{stats['name']} ({_segment.segment_path(stats['name'])}, "
-                    f"{stats['size_bytes']} bytes)"),
+                    f"{stats['size_bytes']} bytes, {stats['committed_bytes']} in use)"),
         ("capacity", f"{stats['capacity']} sessions ({stats['slots']} slots, window "
                      f"{stats['window']}, value size {stats['value_size']})"),
         ("entries", f"{stats['entries']} live, {stats['expired']} expired, "
@@ -124,6 +124,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
                           f"{stats['processes']} processes"),
         ("evictions", str(stats["evictions"])),
         ("oversize values", str(stats["oversize"])),
+        ("values", f"{stats['value_bytes']} bytes in the arena ("
+                   f"{stats['arena_committed_bytes']} of {stats['arena_bytes']} reserved), "
+                   f"{stats['arena_full']} not stored for lack of room"),
         ("lease drops", str(stats["lease_drops"])),
         ("lock recoveries", str(stats["lock_recoveries"])),
         ("lock owner", owner_text),

@@ -2,15 +2,16 @@
  * shmcache.shm._fast: the hot paths of SharedMemorySessionCache, compiled.
  *
  * Layer: the same as table.py + lock.py + the request half of cache.py, over the SAME
- * segment layout (layout.py, version 4) and the SAME lock protocol (mutex.py, lock.py).
+ * segment layout (layout.py, version 5) and the SAME lock protocol (mutex.py, lock.py).
  * Processes with and without this module share one segment: every store below is the
  * store the pure-Python code makes, in the same order, with the same keyed hashes.
  * The pure-Python code is the reference; this file follows it function by function, and
  * each function names the Python function it mirrors.
  *
  * What is here: get (the per-process map's hit path and the table's read path), set
- * (encode, fingerprint, lease check, store_locked), invalidate, invalidate_by_user, value
- * framing, and the segment lock itself (trylock, timed waits in slices, EOWNERDEAD
+ * (encode, fingerprint, lease check, store_locked), invalidate, invalidate_by_user, the
+ * value arena's common paths (a free block of the size, the bump pointer, a free: arena.py
+ * does the rest: committing pages, splitting, rebuilding), and the segment lock itself (trylock, timed waits in slices, EOWNERDEAD
  * recovery, W_WRITING, W_GEN). What is not: clear, purge, check, stats, recovery's
  * journal replay (Table.repair_locked is called back), the rare paths (a full per-process
  * map, a damaged copy of a tag, an oversize warning): they stay in Python.
@@ -49,7 +50,7 @@
 
 /* ---- layout.py, mirrored (fast.py checks these against layout.py at import) ---------- */
 
-#define LAYOUT_VERSION 4
+#define LAYOUT_VERSION 5
 #define W_WRITING (128 / 8)
 #define W_GEN (136 / 8)
 #define W_JOURNAL (144 / 8)
@@ -66,7 +67,13 @@
 #define CHECK_HASH_BITS 40
 #define CHECK_HASH_MASK ((UINT64_C(1) << CHECK_HASH_BITS) - 1)
 #define STAMP_MASK ((UINT64_C(1) << (64 - CHECK_HASH_BITS)) - 1)
-#define NO_VALUE UINT32_C(0xFFFFFFFF)
+#define UNIT 16 /* arena.py */
+#define PAGE 4096
+#define CTL_TOP 0
+#define CTL_COMMITTED 1
+#define CTL_LIVE 2
+#define CTL_FREED 5
+#define ARENA_CTL_WORDS 8
 #define OP_SLOT UINT64_C(1)
 #define USER_SALT UINT64_C(0x5553455273484D43)
 #define FP_SALT UINT64_C(0x4650524E54534D43)
@@ -91,14 +98,16 @@ typedef struct {
     uint64_t nwords;
     pthread_mutex_t *mutex;
     /* Geometry (layout.Geometry), in words unless said otherwise. */
-    uint64_t nslots, window, phys, value_size, vstride, rwords;
+    uint64_t nslots, window, phys, value_size, max_units, rwords;
     uint64_t tags_off; /* bytes */
     uint64_t checks_w, users_w, rec_w, leases_w, lease_mask;
+    uint64_t ctl_w, heads_w, arena_w, arena_off, arena_size; /* the value arena (arena.py) */
     /* Keyed hashing: the xxhash builtins and the seeds as Python ints. */
     PyObject *xxh128, *xxh64;
     PyObject *tag_seed, *check_seed, *user_seed, *fp_seed;
     /* Python helpers for the general (error) paths, and the errors raised. */
     PyObject *dumps, *canonical, *ttl_arg, *user_key, *on_recover;
+    PyObject *arena_alloc; /* Arena.alloc_locked: the allocator's rare paths; NULL: no arena */
     PyObject *e_type, *e_arg, *e_closed, *e_shm, *e_timeout, *e_corrupted;
     /* The cache object and what this core shares with it. */
     PyObject *owner, *local, *clock, *encode, *decode, *user_id_of, *lease_tls;
@@ -337,9 +346,88 @@ static inline uint64_t meta_w(Core *c, uint64_t slot)
     return c->rec_w + slot * c->rwords;
 }
 
-static inline uint64_t value_off(Core *c, uint64_t slot)
+/* ---- the value arena (arena.py) ------------------------------------------------------- */
+
+static inline uint64_t ref_units(uint64_t length)
 {
-    return meta_w(c, slot) * 8 + 16;
+    return length ? (length + UNIT - 1) / UNIT : 1;
+}
+
+/* Arena.span: the byte offset of a reference's value (its length in *length), or 0 if it
+   cannot be one (outside what was committed, longer than value_size). */
+static uint64_t arena_span(Core *c, uint64_t ref, uint32_t *length)
+{
+    uint64_t hi = ref >> 32;
+    uint32_t len = (uint32_t)ref;
+    if (hi == 0 || len > c->value_size)
+        return 0;
+    uint64_t committed = ld(c, c->ctl_w + CTL_COMMITTED);
+    uint64_t limit = committed < c->arena_size ? committed : c->arena_size;
+    if (hi - 1 > limit / UNIT || (hi - 1) * UNIT + len > limit)
+        return 0;
+    *length = len;
+    return c->arena_off + (hi - 1) * UNIT;
+}
+
+/* Arena.alloc_locked: a free block of the size, else the bump pointer inside what is
+   committed; anything else (pages to commit, a split, a rebuild, a damaged list or control
+   word) is the Python method's. *ref: the reference, 0 if there is no room. */
+static int arena_alloc(Core *c, uint64_t length, uint64_t *ref)
+{
+    uint64_t n = ref_units(length), unit = 0;
+    uint64_t top = ld(c, c->ctl_w + CTL_TOP), committed = ld(c, c->ctl_w + CTL_COMMITTED);
+    int found = 0;
+    if (committed <= c->arena_size && top <= committed / UNIT &&
+        !(committed % PAGE && committed != c->arena_size)) {
+        uint64_t h = c->heads_w + n, head = ld(c, h);
+        if (head) {
+            unit = head - 1;
+            if (unit + n <= top) {
+                uint64_t next = ld(c, c->arena_w + unit * 2);
+                if (next <= top) {
+                    st(c, h, next);
+                    found = 1;
+                }
+            }
+        } else if ((top + n) * UNIT <= committed) {
+            st(c, c->ctl_w + CTL_TOP, top + n);
+            unit = top;
+            found = 1;
+        }
+    }
+    if (!found) {
+        PyObject *arg = PyLong_FromUnsignedLongLong(length);
+        if (arg == NULL)
+            return -1;
+        PyObject *r = PyObject_CallOneArg(c->arena_alloc, arg);
+        Py_DECREF(arg);
+        if (r == NULL)
+            return -1;
+        *ref = PyLong_AsUnsignedLongLong(r);
+        Py_DECREF(r);
+        return (*ref == (uint64_t)-1 && PyErr_Occurred()) ? -1 : 0;
+    }
+    st(c, c->ctl_w + CTL_LIVE, ld(c, c->ctl_w + CTL_LIVE) + n);
+    *ref = ((unit + 1) << 32) | length;
+    return 0;
+}
+
+/* Arena.free_locked: the block goes on its size's list; a reference that cannot be ours
+   (damage) is ignored (a leak the next rebuild ends). */
+static void arena_free(Core *c, uint64_t ref)
+{
+    uint64_t hi = ref >> 32;
+    if (hi == 0)
+        return;
+    uint64_t unit = hi - 1, n = ref_units((uint32_t)ref), top = ld(c, c->ctl_w + CTL_TOP);
+    if (n > c->max_units || unit + n > top || top > c->arena_size / UNIT)
+        return;
+    uint64_t h = c->heads_w + n;
+    st(c, c->arena_w + unit * 2, ld(c, h));
+    st(c, h, unit + 1);
+    uint64_t live = ld(c, c->ctl_w + CTL_LIVE);
+    st(c, c->ctl_w + CTL_LIVE, live > n ? live - n : 0);
+    st(c, c->ctl_w + CTL_FREED, ld(c, c->ctl_w + CTL_FREED) + n);
 }
 
 /* Table.find: the first slot of the window [home, home + W) holding tag, or -1. A miss
@@ -370,7 +458,7 @@ static Py_ssize_t find_tag(Core *c, const uint8_t tag[TAG_SIZE], uint64_t home)
     return -1;
 }
 
-/* The bytes a check word hashes: tag | meta | user | fingerprint | value area. */
+/* The bytes a check word hashes: tag | meta | user | fingerprint [| reference | value]. */
 static PyObject *check_blob(const uint8_t tag[TAG_SIZE], uint64_t meta, uint64_t user,
                             uint64_t fp, Py_ssize_t area_len)
 {
@@ -402,26 +490,28 @@ static int read_slot(Core *c, uint64_t slot, Snap *s)
     uint64_t tag_words[2] = {ld(c, t0), ld(c, t0 + 1)};
     uint64_t mw = meta_w(c, slot);
     uint64_t meta = ld(c, mw), fp = ld(c, mw + 1), user = ld(c, c->users_w + slot);
+    uint64_t ref = 0, voff = 0;
     uint32_t length = 0;
     Py_ssize_t area_len = 0;
-    if (c->vstride) {
-        length = __atomic_load_n((uint32_t *)(c->base + value_off(c, slot)), __ATOMIC_ACQUIRE);
-        if (length == NO_VALUE)
-            area_len = 4;
-        else if (length <= c->value_size)
-            area_len = 4 + (Py_ssize_t)length;
-        else
-            return 0;
+    if (c->value_mode) {
+        ref = ld(c, mw + 2);
+        area_len = 8;
+        if (ref) {
+            voff = arena_span(c, ref, &length);
+            if (!voff)
+                return 0;
+            area_len = 8 + (Py_ssize_t)length;
+        }
     }
     PyObject *blob = check_blob((const uint8_t *)tag_words, meta, user, fp, area_len);
     if (blob == NULL)
         return -1;
     if (area_len) {
         char *p = PyBytes_AS_STRING(blob) + 40;
-        memcpy(p, &length, 4);
-        if (area_len > 4) {
+        memcpy(p, &ref, 8);
+        if (voff) {
             __atomic_signal_fence(__ATOMIC_SEQ_CST);
-            memcpy(p + 4, c->base + value_off(c, slot) + 4, (size_t)length);
+            memcpy(p + 8, c->base + voff, (size_t)length);
         }
     }
     uint64_t h;
@@ -438,7 +528,7 @@ static int read_slot(Core *c, uint64_t slot, Snap *s)
     s->fp = fp;
     s->user = user;
     s->blob = blob;
-    s->vlen = (area_len > 4) ? (Py_ssize_t)length : -1;
+    s->vlen = ref ? (Py_ssize_t)length : -1;
     return 1;
 }
 
@@ -452,6 +542,11 @@ static void zero_slot(Core *c, uint64_t slot)
     st(c, meta_w(c, slot), 0);
     st(c, meta_w(c, slot) + 1, 0);
     st(c, c->users_w + slot, 0);
+    if (c->value_mode) {
+        uint64_t ref = ld(c, meta_w(c, slot) + 2);
+        st(c, meta_w(c, slot) + 2, 0);
+        arena_free(c, ref);
+    }
 }
 
 /* Table._reclaim_window_locked: reclaim every expired or invalid slot of a full window,
@@ -501,16 +596,27 @@ static int write_slot(Core *c, uint64_t slot, const uint8_t tag[TAG_SIZE], uint6
                       const char *value, Py_ssize_t vlen, uint64_t stamp, uint64_t user,
                       uint64_t fp, uint64_t *check_out)
 {
-    Py_ssize_t area_len = c->vstride ? (vlen < 0 ? 4 : 4 + vlen) : 0;
+    uint64_t mw = meta_w(c, slot), old_ref = 0, ref = 0;
+    if (c->value_mode) { /* the value's block first: nothing names it yet */
+        old_ref = ld(c, mw + 2);
+        if (vlen >= 0) {
+            if (arena_alloc(c, (uint64_t)vlen, &ref) < 0)
+                return -1; /* abandon_write's repair rebuilds the arena */
+            uint32_t length;
+            uint64_t off = ref ? arena_span(c, ref, &length) : 0;
+            if (off)
+                st_bytes(c, off, value, (size_t)vlen);
+        }
+    }
+    Py_ssize_t area_len = c->value_mode ? (ref ? 8 + vlen : 8) : 0;
     PyObject *blob = check_blob(tag, meta, user, fp, area_len);
     if (blob == NULL)
         return -1;
     char *area = PyBytes_AS_STRING(blob) + 40;
     if (area_len) {
-        uint32_t length = vlen < 0 ? NO_VALUE : (uint32_t)vlen;
-        memcpy(area, &length, 4);
-        if (vlen > 0)
-            memcpy(area + 4, value, (size_t)vlen);
+        memcpy(area, &ref, 8);
+        if (ref && vlen > 0)
+            memcpy(area + 8, value, (size_t)vlen);
     }
     uint64_t h;
     if (hash64(c, c->check_seed, blob, &h) < 0) {
@@ -519,7 +625,6 @@ static int write_slot(Core *c, uint64_t slot, const uint8_t tag[TAG_SIZE], uint6
     }
     uint64_t check = ((stamp & STAMP_MASK) << CHECK_HASH_BITS) |
                      ((h & CHECK_HASH_MASK) ? (h & CHECK_HASH_MASK) : 1);
-    uint64_t mw = meta_w(c, slot);
     /* No "check = 0" first: until the new check lands, a reader that copies the slot sees
        bytes that do not match the old check (a miss), and one that compares only the
        check word sees the old entry, still the latest complete write. */
@@ -528,10 +633,12 @@ static int write_slot(Core *c, uint64_t slot, const uint8_t tag[TAG_SIZE], uint6
     st(c, mw, meta);
     st(c, mw + 1, fp);
     st(c, c->users_w + slot, user);
-    if (area_len)
-        st_bytes(c, value_off(c, slot), area, (size_t)area_len);
+    if (c->value_mode)
+        st(c, mw + 2, ref);
     st(c, c->checks_w + slot, check);
     Py_DECREF(blob);
+    if (old_ref)
+        arena_free(c, old_ref); /* after the new check: nothing names it any more */
     *check_out = check;
     return 0;
 }
@@ -1057,7 +1164,7 @@ static PyObject *load(Core *c, PyObject *token, const uint8_t tag[TAG_SIZE], uin
             Py_DECREF(s.blob);
             Py_RETURN_NONE;
         }
-        PyObject *value = PyBytes_FromStringAndSize(PyBytes_AS_STRING(s.blob) + 44, s.vlen);
+        PyObject *value = PyBytes_FromStringAndSize(PyBytes_AS_STRING(s.blob) + 48, s.vlen);
         Py_DECREF(s.blob);
         s.blob = NULL;
         if (value == NULL)
@@ -1533,15 +1640,17 @@ static int Core_init(Core *c, PyObject *args, PyObject *kwds)
         return -1;
     }
     unsigned long long tags_off, checks_off, users_off, records_off, leases_off, rstride,
-        lease_buckets, tag_seed, check_seed;
-    if (!PyArg_ParseTuple(geo, "KKKKKKKKKKKK", &c->nslots, &c->window, &c->phys, &c->value_size,
-                          &c->vstride, &rstride, &tags_off, &checks_off, &users_off,
-                          &records_off, &leases_off, &lease_buckets))
+        lease_buckets, tag_seed, check_seed, ctl_off, arena_off;
+    if (!PyArg_ParseTuple(geo, "KKKKKKKKKKKKKKK", &c->nslots, &c->window, &c->phys,
+                          &c->value_size, &c->max_units, &rstride, &tags_off, &checks_off,
+                          &users_off, &records_off, &leases_off, &lease_buckets, &ctl_off,
+                          &arena_off, &c->arena_size))
         return -1;
     if (!PyArg_ParseTuple(seeds, "KK", &tag_seed, &check_seed))
         return -1;
-    if (!PyArg_ParseTuple(helpers, "OOOOOOO", &c->xxh128, &c->xxh64, &c->dumps, &c->canonical,
-                          &c->ttl_arg, &c->user_key, &c->on_recover))
+    PyObject *arena_alloc_fn;
+    if (!PyArg_ParseTuple(helpers, "OOOOOOOO", &c->xxh128, &c->xxh64, &c->dumps, &c->canonical,
+                          &c->ttl_arg, &c->user_key, &c->on_recover, &arena_alloc_fn))
         return -1;
     if (!PyArg_ParseTuple(errors, "OOOOOO", &c->e_type, &c->e_arg, &c->e_closed, &c->e_shm,
                           &c->e_timeout, &c->e_corrupted))
@@ -1567,10 +1676,11 @@ static int Core_init(Core *c, PyObject *args, PyObject *kwds)
     c->encode_arg = encode_arg == Py_None ? NULL : Py_NewRef(encode_arg);
     c->decode = decode == Py_None ? NULL : Py_NewRef(decode);
     c->user_id_of = user_id_of == Py_None ? NULL : Py_NewRef(user_id_of);
+    c->arena_alloc = arena_alloc_fn == Py_None ? NULL : Py_NewRef(arena_alloc_fn);
     c->owner = Py_NewRef(owner);
     c->value_mode = c->value_size > 0;
-    if (c->value_mode && (c->encode == NULL || c->decode == NULL)) {
-        PyErr_SetString(PyExc_ValueError, "value mode needs a codec");
+    if (c->value_mode && (c->encode == NULL || c->decode == NULL || c->arena_alloc == NULL)) {
+        PyErr_SetString(PyExc_ValueError, "value mode needs a codec and an arena");
         return -1;
     }
     c->tag_seed = PyLong_FromUnsignedLongLong(tag_seed);
@@ -1594,7 +1704,12 @@ static int Core_init(Core *c, PyObject *args, PyObject *kwds)
         tags_off + TAG_SIZE * c->phys > size || checks_off + 8 * c->phys > size ||
         users_off + 8 * c->phys > size || records_off + rstride * c->phys > size ||
         leases_off + 8 * lease_buckets > size || (lease_buckets & (lease_buckets - 1)) ||
-        (c->vstride && c->vstride < 4 + c->value_size) || MUTEX_OFFSET + 64 > size) {
+        MUTEX_OFFSET + 64 > size ||
+        (c->value_mode &&
+         (rstride < 24 || ctl_off % 8 || arena_off % 8 || c->max_units == 0 ||
+          c->max_units * UNIT < c->value_size || ctl_off < leases_off + 8 * lease_buckets ||
+          ctl_off + 8 * (ARENA_CTL_WORDS + c->max_units + 1) > arena_off ||
+          arena_off > size || c->arena_size > size - arena_off || c->arena_size % UNIT))) {
         PyErr_SetString(PyExc_ValueError, "segment geometry does not fit the mapping");
         return -1;
     }
@@ -1605,6 +1720,10 @@ static int Core_init(Core *c, PyObject *args, PyObject *kwds)
     c->rwords = rstride / 8;
     c->leases_w = leases_off / 8;
     c->lease_mask = lease_buckets - 1;
+    c->ctl_w = ctl_off / 8;
+    c->heads_w = c->ctl_w + ARENA_CTL_WORDS;
+    c->arena_off = arena_off;
+    c->arena_w = arena_off / 8;
     c->mutex = (pthread_mutex_t *)(c->base + MUTEX_OFFSET);
     c->counter_rec = -2;
     c->test_budget = c->test_torn = -1;
@@ -1623,6 +1742,7 @@ static int Core_traverse(Core *c, visitproc visit, void *arg)
     Py_VISIT(c->user_id_of);
     Py_VISIT(c->lease_tls);
     Py_VISIT(c->on_recover);
+    Py_VISIT(c->arena_alloc);
     Py_VISIT(c->wait_hook);
     return 0;
 }
@@ -1639,6 +1759,7 @@ static int Core_clear(Core *c)
     Py_CLEAR(c->user_id_of);
     Py_CLEAR(c->lease_tls);
     Py_CLEAR(c->on_recover);
+    Py_CLEAR(c->arena_alloc);
     Py_CLEAR(c->wait_hook);
     return 0;
 }
@@ -1749,7 +1870,7 @@ PyMODINIT_FUNC PyInit__fast(void)
         {"W_OVERSIZE", W_OVERSIZE}, {"W_CLEARED_AT", W_CLEARED_AT},
         {"W_LEASE_DROPS", W_LEASE_DROPS}, {"MUTEX_OFFSET", MUTEX_OFFSET},
         {"TAG_SIZE", TAG_SIZE}, {"NONCE_BITS", NONCE_BITS}, {"CHECK_HASH_BITS", CHECK_HASH_BITS},
-        {"MAX_EXPIRY_MS", (long long)MAX_EXPIRY_MS}, {"NO_VALUE", (long long)NO_VALUE},
+        {"MAX_EXPIRY_MS", (long long)MAX_EXPIRY_MS}, {"UNIT", (long long)UNIT},
         {"OP_SLOT", (long long)OP_SLOT}, {"USER_SALT", (long long)USER_SALT},
         {"FP_SALT", (long long)FP_SALT}, {"SPINS", SPINS},
     };

@@ -98,6 +98,11 @@ class SegmentAdmin:
         owner = self._lock.owner()
         owner_pid = _proc.pid_of_thread(owner) if owner else None
         occupied = census["entries"] + census["expired"] + census["invalid"]
+        table_arena = self._table.arena
+        arena = table_arena.stats() if table_arena is not None else {
+            "arena_bytes": 0, "arena_committed_bytes": 0, "value_bytes": 0, "arena_full": 0,
+            "arena_rebuilds": 0,
+        }
         return {
             "name": self._segment.name,
             "capacity": geo.capacity,
@@ -105,6 +110,10 @@ class SegmentAdmin:
             "window": geo.window,
             "value_size": geo.value_size,
             "size_bytes": geo.size,
+            # What /dev/shm really holds: the table, plus the arena pages values needed so
+            # far (the arena is reserved as it fills: see arena.py).
+            "committed_bytes": geo.reserved_at_creation + arena["arena_committed_bytes"],
+            **arena,
             "entries": census["entries"],
             "expired": census["expired"],
             "invalid": census["invalid"],

@@ -41,6 +41,7 @@ class TableAudit:
     read_slot: Callable[[int], Any]
     clear_locked: Callable[[], None]
     _zero_slot_locked: Callable[[int], None]
+    rebuild_arena_locked: Callable[[], None]
 
     def damaged_copies(self, tag: bytes, home: int) -> list[int]:
         """Slots of the window holding a damaged copy of ``tag``: one whose tag still
@@ -79,6 +80,9 @@ class TableAudit:
         elif op != OP_NONE:
             done.append(f"ignored an unreadable journal word {journal:#x}")
         words[W_JOURNAL] = OP_NONE
+        # The holder may have died inside the value allocator (a free list half updated, a
+        # block handed out but never named): rebuild it from the slots (see arena.py).
+        self.rebuild_arena_locked()
         return done
 
     # -- inspection ----------------------------------------------------------------------
@@ -90,8 +94,9 @@ class TableAudit:
         check = self.words[self._checks_w + slot]
         if tag == ZERO_TAG:
             words = self.words
-            if check or words[self._rec_w + slot * self._rw] or words[self._users_w + slot]:
-                return f"slot {slot}: empty tag but leftover check, meta or user words"
+            mw = self._rec_w + slot * self._rw
+            if check or any(words[mw : mw + self._rw].tolist()) or words[self._users_w + slot]:
+                return f"slot {slot}: empty tag but leftover check, meta, reference or user words"
             return None
         if not check:
             return f"slot {slot}: tag without a check (a write that never finished)"

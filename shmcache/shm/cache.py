@@ -111,7 +111,7 @@ class SharedMemorySessionCache(LocalCopies, SegmentAdmin, ClosesOnExit):
         geo = info.geometry
         self._segment = segment
         self._info = info
-        self._table = Table(segment.mm, geo, info.tag_seed, info.check_seed)
+        self._table = Table(segment.mm, geo, info.tag_seed, info.check_seed, segment.reserve)
         self._words = self._table.words
         self._checks_w = self._table.check_word_index(0)  # slot i's check word: + i
         self._lock = SegmentLock(

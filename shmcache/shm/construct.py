@@ -51,7 +51,7 @@ def create_segment(
         mm[8 : len(header)] = header[8:]
         mm[0:8] = header[:8]  # the magic last: a half-made header never looks valid
 
-    segment = _segment.create(bare, geo.size, mode, init)
+    segment = _segment.create(bare, geo.size, mode, init, reserve=geo.reserved_at_creation)
     segment_words = memoryview(segment.mm).cast("B").cast("Q")
     segment_words[W_KEEPER] = _proc.my_word()
     segment_words.release()

@@ -49,7 +49,7 @@ else:
         "W_LEASE_DROPS": layout.W_LEASE_DROPS, "MUTEX_OFFSET": layout.MUTEX_OFFSET,
         "TAG_SIZE": layout.TAG_SIZE, "NONCE_BITS": layout.NONCE_BITS,
         "CHECK_HASH_BITS": layout.CHECK_HASH_BITS, "MAX_EXPIRY_MS": layout.MAX_EXPIRY_MS,
-        "NO_VALUE": layout.NO_VALUE, "OP_SLOT": layout.OP_SLOT,
+        "UNIT": layout.UNIT, "OP_SLOT": layout.OP_SLOT,
     }
     _differ = [k for k, v in _MIRRORED.items() if getattr(_fast, k) != v]
     if _differ:
@@ -89,14 +89,16 @@ def make_core(cache: SharedMemorySessionCache) -> Any | None:
         cache,
         cache._segment.mm,
         (
-            geo.nslots, geo.window, geo.physical_slots, geo.value_size, geo.value_stride,
+            geo.nslots, geo.window, geo.physical_slots, geo.value_size, geo.max_units,
             geo.record_stride, geo.tags_offset, geo.checks_offset, geo.users_offset,
-            geo.records_offset, geo.leases_offset, geo.lease_buckets,
+            geo.records_offset, geo.leases_offset, geo.lease_buckets, geo.arena_ctl_offset,
+            geo.arena_offset, geo.arena_bytes,
         ),
         (cache._info.tag_seed, cache._info.check_seed),
         (
             xxhash.xxh3_128_digest, xxhash.xxh3_64_intdigest, pickle.dumps, _canonical,
             ttl_arg, user_key, table.repair_locked,
+            None if table.arena is None else table.arena.alloc_locked,
         ),
         (
             _errors.InvalidType, _errors.InvalidArgument, _errors.CacheClosed,

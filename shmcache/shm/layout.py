@@ -67,7 +67,8 @@ from typing import Any
 from .._errors import IncompatibleSegment, InvalidArgument
 
 MAGIC = b"SHMCACHE"
-LAYOUT_VERSION = 4  # 2: USERS (invalidate_by_user); 3: the robust mutex; 4: fingerprints, leases
+LAYOUT_VERSION = 5  # 2: USERS (invalidate_by_user); 3: the robust mutex; 4: fingerprints,
+# leases; 5: values in a variable-size arena (see arena.py)
 HEADER_SIZE = 4096
 
 # Sizing: at most 1/2 of the home slots are live at capacity, and a key may sit at most
@@ -92,7 +93,9 @@ MAX_EXPIRY_MS = (1 << EXPIRY_BITS) - 1
 CHECK_HASH_BITS = 40
 CHECK_HASH_MASK = (1 << CHECK_HASH_BITS) - 1
 STAMP_MASK = (1 << (64 - CHECK_HASH_BITS)) - 1
-NO_VALUE = 0xFFFFFFFF  # value length of a slot that holds no value (hash-only entry)
+UNIT = 16  # the arena's allocation unit (see arena.py)
+MAX_ARENA = UNIT << 32  # a reference names a unit with 32 bits
+ARENA_CTL_WORDS = 8
 U64 = (1 << 64) - 1
 
 ZERO_TAG = bytes(TAG_SIZE)
@@ -130,8 +133,13 @@ def host_supported() -> bool:
     return sys.byteorder == "little"
 
 
-def _round8(n: int) -> int:
-    return (n + 7) & ~7
+def ref_units(length: int) -> int:
+    """Units of the arena block holding a value of ``length`` bytes (at least one)."""
+    return max(1, -(-length // UNIT))
+
+
+def _round_page(n: int) -> int:
+    return -(-n // 4096) * 4096
 
 
 @dataclass(frozen=True)
@@ -163,13 +171,13 @@ class Geometry:
         return self.nslots + self.window - 1
 
     @property
-    def value_stride(self) -> int:
-        """Bytes of a record's value area (length word + value, padded to 8)."""
-        return _round8(4 + self.value_size) if self.value_size else 0
+    def record_stride(self) -> int:
+        return 24 if self.value_size else 16  # meta, fingerprint[, value reference]
 
     @property
-    def record_stride(self) -> int:
-        return 16 + self.value_stride  # meta, fingerprint, value area
+    def max_units(self) -> int:
+        """Units of the largest block: a value of ``value_size`` bytes."""
+        return ref_units(self.value_size) if self.value_size else 0
 
     @property
     def lease_buckets(self) -> int:
@@ -196,8 +204,33 @@ class Geometry:
         return self.records_offset + self.record_stride * self.physical_slots
 
     @property
-    def size(self) -> int:
+    def arena_ctl_offset(self) -> int:
         return self.leases_offset + 8 * self.lease_buckets
+
+    @property
+    def arena_offset(self) -> int:
+        """Where values start (page-aligned, so that the arena is committed by pages)."""
+        if not self.value_size:
+            return self.arena_ctl_offset
+        return _round_page(self.arena_ctl_offset + 8 * (ARENA_CTL_WORDS + self.max_units + 1))
+
+    @property
+    def arena_bytes(self) -> int:
+        """Room for a value of ``value_size`` bytes in every slot, plus the one a set
+        writes before it frees the one it replaces (at most 64 GiB). Virtual: pages are
+        reserved as values need them (arena.py), so only what is used costs memory."""
+        if not self.value_size:
+            return 0
+        return min(MAX_ARENA, (self.physical_slots + 1) * self.max_units * UNIT)
+
+    @property
+    def reserved_at_creation(self) -> int:
+        """Bytes reserved when the segment is made: everything but the arena."""
+        return self.arena_offset
+
+    @property
+    def size(self) -> int:
+        return self.arena_offset + self.arena_bytes
 
     def pack_header(self, info: HeaderInfo) -> bytes:
         return HEADER.pack(

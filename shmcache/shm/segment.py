@@ -77,6 +77,15 @@ class Segment:
         self.mm.close()
         self.shm.close_fd()
 
+    def reserve(self, offset: int, length: int) -> bool:
+        """Allocate pages of the segment before their first touch (the value arena grows
+        this way, see arena.py); False if /dev/shm has no room for them."""
+        try:
+            _reserve(self.fd, length, self.name, offset)
+        except NoSpace:
+            return False
+        return True
+
     def chown(self, uid: int, gid: int) -> None:
         """Hand the segment to another user (a server that drops privileges after forking)."""
         os.fchown(self.fd, uid, gid)
@@ -142,8 +151,11 @@ def remove_legacy_semaphore(name: str, uid: int) -> bool:
     return True
 
 
-def create(name: str, size: int, mode: int, init: Callable[[mmap.mmap], None]) -> Segment:
-    """Create the name exclusively, reserve the memory, then run ``init``.
+def create(
+    name: str, size: int, mode: int, init: Callable[[mmap.mmap], None], reserve: int | None = None
+) -> Segment:
+    """Create the name exclusively, reserve the memory (its first ``reserve`` bytes if
+    given: the rest is reserved as it is used, :meth:`Segment.reserve`), then run ``init``.
 
     ``init`` initialises the lock and writes the header, the magic last: ``attach`` refuses
     a segment without its magic, so nobody can attach, let alone lock, before ``init`` is
@@ -159,7 +171,7 @@ def create(name: str, size: int, mode: int, init: Callable[[mmap.mmap], None]) -
     try:
         os.fchmod(shm.fd, mode)  # the umask may only have narrowed it; make it exact
         os.ftruncate(shm.fd, size)
-        _reserve(shm.fd, size, name)
+        _reserve(shm.fd, size if reserve is None else reserve, name)
         mm = mmap.mmap(shm.fd, size)
         try:
             init(mm)
@@ -174,14 +186,14 @@ def create(name: str, size: int, mode: int, init: Callable[[mmap.mmap], None]) -
     return Segment(name, shm, mm, inode)
 
 
-def _reserve(fd: int, size: int, name: str) -> None:
+def _reserve(fd: int, size: int, name: str, offset: int = 0) -> None:
     """Allocate every page now: a sparse segment on a full tmpfs gets SIGBUS on first touch,
     possibly hours later (Docker's default /dev/shm is 64 MB). PostgreSQL does the same."""
     fallocate = getattr(os, "posix_fallocate", None)
     if fallocate is None:
         return
     try:
-        fallocate(fd, 0, size)
+        fallocate(fd, offset, size)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
             raise NoSpace(

@@ -9,9 +9,10 @@ C-level ``find`` over the contiguous tag array, so they never stop at an empty s
 removal simply zeroes its slot: there are no tombstones to pile up under churn, and every
 probe touches at most ``W`` slots whatever the bytes in the segment say.
 
-Lock-free reads (why a reader never accepts half a slot): a writer stores the tag, meta and
-value, then the new check word last (see ``_layout``),
-whose low 40 bits are a keyed hash of tag|meta|value. A reader copies the slot and accepts
+Lock-free reads (why a reader never accepts half a slot): a writer copies the value into a
+block of the arena (``arena.py``), stores the tag, meta and the block's reference, then the
+new check word last (see ``layout``), whose low 40 bits are a keyed hash of
+tag|meta|user|fingerprint|reference|value. A reader copies the slot and accepts
 it only if those bits match the hash of the bytes it read. A copy that mixes two writes (or
 a write cut short by a SIGKILL) matches only by a 2**-40 accident, whatever order the CPU
 makes the loads and stores visible in. A reader that already knows a slot (the per-process
@@ -22,17 +23,18 @@ so an equal check word means "unchanged since" until 2**44 more writes have been
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import xxhash
 
+from .arena import Arena
 from .audit import TableAudit
 from .layout import (
     CHECK_HASH_BITS,
     CHECK_HASH_MASK,
     EXPIRY_BITS,
     MAX_EXPIRY_MS,
-    NO_VALUE,
     NONCE_BITS,
     NONCE_MASK,
     OP_CLEAR,
@@ -51,7 +53,7 @@ _xxh128 = xxhash.xxh3_128_intdigest
 _xxh64 = xxhash.xxh3_64_intdigest
 _CLEAR_CHUNK = 1 << 20
 _OP_SLOT_BITS = OP_SLOT << 56
-_NO_VALUE_BYTES = NO_VALUE.to_bytes(4, "little")
+_NO_REF = bytes(8)
 _USER_SALT = 0x5553455273484D43  # user tags use another key than token tags
 _FP_SALT = 0x4650524E54534D43  # fingerprints use another key than check words
 
@@ -67,7 +69,16 @@ def meta_expiry_ms(meta: int) -> int:
 class Table(TableAudit):
     """Slots of one segment. ``buf`` must support the buffer protocol and ``find``."""
 
-    def __init__(self, buf: Any, geometry: Geometry, tag_seed: int, check_seed: int) -> None:
+    def __init__(
+        self,
+        buf: Any,
+        geometry: Geometry,
+        tag_seed: int,
+        check_seed: int,
+        commit: Callable[[int, int], bool] | None = None,
+    ) -> None:
+        """``commit(offset, length)`` reserves arena pages before their first use (the
+        segment's ``posix_fallocate``); a plain buffer needs none."""
         self.geometry = g = geometry
         self._buf = buf
         self.words = memoryview(buf).cast("B").cast("Q")
@@ -81,8 +92,12 @@ class Table(TableAudit):
         self._users_w = g.users_offset // 8  # word index of slot 0's user
         self._rec_w = g.records_offset // 8  # word index of slot 0's meta
         self._rw = g.record_stride // 8  # words per record
-        self._vstride = g.value_stride
         self._value_size = g.value_size
+        self.arena: Arena | None = None
+        if g.value_size:
+            self.arena = Arena(
+                self.words, g, commit or (lambda offset, length: True), self.rebuild_arena_locked
+            )
         self._leases_w = g.leases_offset // 8
         self._lease_mask = g.lease_buckets - 1
 
@@ -114,9 +129,6 @@ class Table(TableAudit):
     def check_word_index(self, slot: int) -> int:
         """Index in ``words`` of a slot's check: the one word a known-slot reader compares."""
         return self._checks_w + slot
-
-    def _value_offset(self, slot: int) -> int:
-        return (self._rec_w + slot * self._rw) * 8 + 16
 
     def fingerprint(self, encoding: bytes) -> int:
         """Keyed 64-bit fingerprint of a session's encoding (never 0: 0 means unknown)."""
@@ -174,18 +186,19 @@ class Table(TableAudit):
         fp = self.words[self._rec_w + slot * self._rw + 1]
         user = self.words[self._users_w + slot]
         area = b""
-        if self._vstride:
-            v = self._value_offset(slot)
-            length = int.from_bytes(self._buf[v : v + 4], "little")
-            if length == NO_VALUE:
-                area = _NO_VALUE_BYTES
-            elif length <= self._value_size:
-                area = bytes(self._buf[v : v + 4 + length])
+        value = None
+        if self.arena is not None:
+            ref = self.words[self._rec_w + slot * self._rw + 2]
+            if ref:
+                span = self.arena.span(ref, self._value_size)
+                if span is None:
+                    return None
+                value = bytes(self._buf[span[0] : span[0] + span[1]])
+                area = ref.to_bytes(8, "little") + value
             else:
-                return None
+                area = _NO_REF
         if self._checksum(tag, meta, user, area, fp) != check & CHECK_HASH_MASK:
             return None
-        value = area[4:] if area and area != _NO_VALUE_BYTES else None
         return tag, meta, check, value, user, fp
 
     def lookup(
@@ -277,6 +290,14 @@ class Table(TableAudit):
         fp: int = 0,
     ) -> int:
         words = self.words
+        mw = self._rec_w + slot * self._rw
+        arena = self.arena
+        if arena is not None:  # the value's block first: nothing names it yet
+            old_ref = words[mw + 2]
+            ref = arena.alloc_locked(len(value)) if value is not None else 0
+            if ref:
+                start = arena.span(ref, self._value_size)[0]  # type: ignore[index]
+                self._buf[start : start + len(value)] = value  # type: ignore[arg-type]
         words[W_JOURNAL] = _OP_SLOT_BITS | slot
         cw = self._checks_w + slot
         # No "check = 0" first: until the new check lands, a reader that copies the slot
@@ -284,20 +305,20 @@ class Table(TableAudit):
         # only the check word sees the old entry, which is still the latest complete write.
         t = self._tags + slot * TAG_SIZE
         self._buf[t : t + TAG_SIZE] = tag
-        mw = self._rec_w + slot * self._rw
         words[mw] = meta
         words[mw + 1] = fp
         words[self._users_w + slot] = user
         mu = (meta | user << 64 | fp << 128).to_bytes(24, "little")
-        if self._vstride:
-            area = _NO_VALUE_BYTES if value is None else len(value).to_bytes(4, "little") + value
-            v = mw * 8 + 16  # after meta and fingerprint
-            self._buf[v : v + len(area)] = area
+        if arena is not None:
+            words[mw + 2] = ref
+            area = ref.to_bytes(8, "little") + value if ref else _NO_REF  # type: ignore[operator]
             check = _xxh64(tag + mu + area, self._check_seed)
         else:
             check = _xxh64(tag + mu, self._check_seed)
         check = (stamp & STAMP_MASK) << CHECK_HASH_BITS | ((check & CHECK_HASH_MASK) or 1)
         words[cw] = check
+        if arena is not None and old_ref:
+            arena.free_locked(old_ref)  # after the new check: nothing names it any more
         return check
 
     def _zero_slot_locked(self, slot: int) -> None:
@@ -306,9 +327,41 @@ class Table(TableAudit):
         words[self._checks_w + slot] = 0
         t = self._tags + slot * TAG_SIZE
         self._buf[t : t + TAG_SIZE] = ZERO_TAG
-        words[self._rec_w + slot * self._rw] = 0
-        words[self._rec_w + slot * self._rw + 1] = 0
+        mw = self._rec_w + slot * self._rw
+        words[mw] = 0
+        words[mw + 1] = 0
         words[self._users_w + slot] = 0
+        if self.arena is not None:
+            ref = words[mw + 2]
+            words[mw + 2] = 0
+            self.arena.free_locked(ref)
+
+    def _drop_slot_keeping_block_locked(self, slot: int) -> None:
+        """Empty a slot whose reference is damage (a rebuild found it): its block is not
+        its own, so nothing is freed."""
+        self.words[self._rec_w + slot * self._rw + 2] = 0
+        self._zero_slot_locked(slot)
+
+    def rebuild_arena_locked(self) -> None:
+        """Rebuild the arena's free lists from the references of the slots (see arena.py)."""
+        if self.arena is None:
+            return
+        words, phys = self.words, self._phys
+        checks = words[self._checks_w : self._checks_w + phys].tolist()
+        first = self._rec_w + 2
+        refs = words[first : first + phys * self._rw : self._rw].tolist()
+        named = []
+        for slot, ref in enumerate(refs):
+            if not ref:
+                continue
+            # A slot that is not a whole entry (a write that never finished, damage) does
+            # not own its reference: dropped here, as purge would, so it holds no block.
+            if checks[slot] and self.read_slot(slot) is not None:
+                named.append((slot, ref))
+            else:
+                self._drop_slot_keeping_block_locked(slot)
+        self.arena.rebuild_locked(named, self._drop_slot_keeping_block_locked)
+        words[W_JOURNAL] = OP_NONE  # the drops above were journaled, and are complete
 
     def remove_locked(self, tag: bytes, home: int) -> bool:
         """Remove ``tag``, every copy in the window (a damaged segment may hold two); True
@@ -364,6 +417,9 @@ class Table(TableAudit):
         self._zero_words(self._users_w, 1)
         self._zero_words(self._rec_w, self._rw)
         self._zero_words(self._rec_w + 1, self._rw)
+        if self.arena is not None:
+            self._zero_words(self._rec_w + 2, self._rw)
+            self.arena.clear_locked()
         words[W_JOURNAL] = OP_NONE
 
     def _zero_words(self, first: int, step: int, count: int | None = None) -> None:

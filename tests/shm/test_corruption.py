@@ -195,7 +195,8 @@ def _locate(cache: SharedMemorySessionCache, token: str) -> dict[str, int]:
         "tag": geo.tags_offset + 16 * slot + 5,
         "check": table.check_word_index(slot) * 8 + 3,
         "meta": meta_at + 6,  # a byte of the expiry, not of the nonce
-        "length": value_at - 4,
+        "length": meta_at + 16,  # the low byte of the value reference's length (after
+        # the meta and the fingerprint in the record; the value itself is in the arena)
         "value": value_at + len(value) // 2,
     }
 

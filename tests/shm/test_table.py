@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from shmcache.shm import layout as _layout
 from shmcache.shm.layout import (
     JOURNAL_SLOT_MASK,
-    NO_VALUE,
     OP_CLEAR,
     OP_NONE,
     OP_SLOT,
@@ -99,16 +98,17 @@ def independent_check(table: Table, buf: bytearray, slot: int) -> bool:
     check = table.words[table.check_word_index(slot)]
     m = meta_offset(table, slot)
     meta = buf[m : m + 8]
-    fingerprint = buf[m + 8 : m + 16]  # the record: meta, fingerprint, value area
+    fingerprint = buf[m + 8 : m + 16]  # the record: meta, fingerprint, value reference
     area = b""
     if g.value_size:
-        length = int.from_bytes(buf[m + 16 : m + 20], "little")
-        if length == NO_VALUE:
-            area = buf[m + 16 : m + 20]
-        elif length <= g.value_size:
-            area = buf[m + 16 : m + 20 + length]
-        else:
-            return False
+        ref = int.from_bytes(buf[m + 16 : m + 24], "little")
+        area = buf[m + 16 : m + 24]
+        if ref:  # (unit + 1) << 32 | length, units of 16 bytes from the arena's start
+            unit, length = (ref >> 32) - 1, ref & 0xFFFFFFFF
+            if length > g.value_size:
+                return False
+            start = g.arena_offset + 16 * unit
+            area += buf[start : start + length]
     u = g.users_offset + 8 * slot
     user = buf[u : u + 8]
     hashed = tag + meta + user + fingerprint + area
