@@ -179,6 +179,7 @@ class SegmentAdmin:
                 problem = self._table.slot_problem(slot) or self._table.duplicate_problem(slot)
                 if problem is not None and problem not in problems:
                     problems.append(problem)
+            problems.extend(self._table.arena_problems_locked())
             self._words[W_WRITING] = 0  # every holder clears it (lock.py)
         finally:
             lock.release()

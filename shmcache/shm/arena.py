@@ -146,9 +146,9 @@ class Arena:
                 w[ctl + CTL_TOP] = top + n
                 return int(top)
         unit = self._split_locked(n)
-        if unit < 0 and w[ctl + CTL_FREED] * UNIT * 16 >= self._size:
-            # Enough was freed since the last rebuild (a 16th of the arena, so that a full
-            # arena does not rebuild on every set): coalesce it, then one more try.
+        if unit < 0 and w[ctl + CTL_FREED] * UNIT * 16 >= w[ctl + CTL_COMMITTED]:
+            # Enough was freed since the last rebuild (a 16th of what is committed, so that
+            # a full arena does not rebuild on every set): coalesce it, then one more try.
             self._rebuild()
             unit = self._pop_locked(n)
             if unit < 0:
@@ -237,6 +237,43 @@ class Arena:
         w[ctl + CTL_TOP] = 0
         w[ctl + CTL_LIVE] = 0
         w[ctl + CTL_FREED] = 0
+
+    def problems_locked(self, named: list[tuple[int, int, int]]) -> list[str]:
+        """What is inconsistent between the slots' blocks ``named`` ((unit, units, slot) of
+        every whole entry) and the allocator: overlaps, blocks past ``top``, the live count,
+        free blocks lost or listed twice. ``[]`` when whole (what every rebuild leaves)."""
+        w, ctl = self.words, self._ctl
+        top = int(w[ctl + CTL_TOP])
+        problems = []
+        if top * UNIT > min(w[ctl + CTL_COMMITTED], self._size):
+            problems.append(f"arena: top ({top} units) past the committed pages")
+        live = sum(n for _, n, _ in named)
+        if live != w[ctl + CTL_LIVE]:
+            problems.append(f"arena: {live} units in use, but the live count is "
+                            f"{int(w[ctl + CTL_LIVE])}")
+        blocks = [(unit, n, f"slot {slot}") for unit, n, slot in named]
+        steps = 0
+        for n in range(1, self._max_units + 1):
+            head = w[self._heads + n]
+            while head and steps <= top:
+                unit = head - 1
+                blocks.append((unit, n, f"free list {n}"))
+                steps += 1
+                head = w[self._base_w + unit * 2] if unit + n <= top else 0
+        if steps > top:
+            problems.append("arena: a free list loops")
+        blocks.sort()
+        end, last = 0, ""
+        for unit, n, owner in blocks:
+            if unit < end:
+                problems.append(f"arena: the block of {owner} overlaps that of {last}")
+            if unit + n > top:
+                problems.append(f"arena: the block of {owner} ends past top ({top})")
+            end, last = max(end, unit + n), owner
+        used = sum(n for _, n, _ in blocks)
+        if not problems and used < top:
+            problems.append(f"arena: {top - used} units neither in use nor free (leaked)")
+        return problems
 
     def stats(self) -> dict[str, int]:
         w, ctl = self.words, self._ctl

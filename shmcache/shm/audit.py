@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .arena import Arena
 from .layout import (
     JOURNAL_SLOT_MASK,
     NONCE_BITS,
@@ -20,6 +21,7 @@ from .layout import (
     TAG_SIZE,
     W_JOURNAL,
     ZERO_TAG,
+    ref_units,
 )
 
 
@@ -42,6 +44,7 @@ class TableAudit:
     clear_locked: Callable[[], None]
     _zero_slot_locked: Callable[[int], None]
     rebuild_arena_locked: Callable[[], None]
+    arena: Arena | None
 
     def damaged_copies(self, tag: bytes, home: int) -> list[int]:
         """Slots of the window holding a damaged copy of ``tag``: one whose tag still
@@ -157,6 +160,17 @@ class TableAudit:
             "invalid": invalid,
             "empty": phys - live - expired - invalid,
         }
+
+    def arena_problems_locked(self) -> list[str]:
+        """The value arena's consistency with the slots (see ``Arena.problems_locked``)."""
+        if self.arena is None:
+            return []
+        words, named = self.words, []
+        for slot in range(self._phys):
+            ref = words[self._rec_w + slot * self._rw + 2]
+            if ref and words[self._checks_w + slot] and self.read_slot(slot) is not None:
+                named.append(((ref >> 32) - 1, ref_units(ref & 0xFFFFFFFF), slot))
+        return self.arena.problems_locked(named)
 
     def journal(self) -> tuple[int, int]:
         j = self.words[W_JOURNAL]

@@ -188,7 +188,7 @@ def _figures(cache: SharedMemorySessionCache) -> dict[str, Any]:
 
 @needs_c
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops=st.lists(OPS, max_size=50), value_size=st.sampled_from([0, 64]),
+@given(ops=st.lists(OPS, max_size=50), value_size=st.sampled_from([0, 64, 200]),
        threads=st.booleans())
 def test_compiled_core_makes_the_same_stores_as_python(
     ops: list[tuple[Any, ...]], value_size: int, threads: bool
