@@ -1,18 +1,29 @@
-"""Shared memory per session in each mode, and the cost of a big segment.
+"""Shared memory per session in each mode, what a stored value adds, and the cost of a big
+segment.
 
-Bytes per session: what one more session of capacity costs in /dev/shm, measured as the
-size difference of two segments whose capacities differ by 65,536; and the whole size over
-the capacity (header and overflow slots included). Creation includes ``posix_fallocate``
-of the whole segment (so a full /dev/shm fails then, not later).
+The table (fixed when the segment is made): what one more session of capacity costs in
+/dev/shm, measured as the difference in reserved bytes (``stats()["committed_bytes"]``,
+what ``posix_fallocate`` reserved: the kernel's own count) of two segments whose
+capacities differ by 65,536, and the whole over the capacity. Creation includes
+``posix_fallocate`` of the table (so a full /dev/shm fails then, not later).
+
+Values (variable, layout 5): the arena's pages are reserved as values fill them, so what a
+stored session adds is measured by storing the seed app's pydantic ``Session`` (pickled,
+and through ``PydanticCodec``) into a ``value_size=4096`` segment: the growth of the
+segment's allocated blocks (``st_blocks`` of /dev/shm/NAME) divided by the sessions stored,
+beside the encoded size.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
+import pickle
 import time
 from typing import Any
 
-from shmcache import SharedMemorySessionCache
+from shmcache import PydanticCodec, SharedMemorySessionCache
+from shmcache.shm.segment import segment_path
 
 from .backends import segment_name
 from .config import Config
@@ -41,7 +52,7 @@ def _big(capacity: int, value_size: int) -> dict[str, Any]:
     cache = SharedMemorySessionCache.create(name, capacity=capacity, value_size=value_size)
     created = time.perf_counter() - t0
     try:
-        size = cache.stats()["size_bytes"]
+        size = cache.stats()["committed_bytes"]
         t0 = time.perf_counter()
         other = SharedMemorySessionCache.attach(name)
         attached = time.perf_counter() - t0
@@ -75,6 +86,45 @@ def _stats(capacity: int, value_size: int) -> dict[str, Any]:
             cache.unlink()
 
 
+VALUE_SESSIONS = 20_000
+
+
+def _values(codec_name: str) -> dict[str, Any]:
+    """Store the seed app's Session VALUE_SESSIONS times; what /dev/shm allocated per one."""
+    from .fastapi_app import Session
+
+    codec = PydanticCodec(Session) if codec_name == "pydantic" else None
+    name = segment_name("values")
+    sessions = [
+        Session(id=i, token=f"{i:010d}" + "k" * 33, created_at="2026-11-29T10:00:00.123456",
+                expires_at="2026-12-29T10:00:00.123456")
+        for i in range(VALUE_SESSIONS)
+    ]
+    encoded = len(codec.encode(sessions[0]) if codec else pickle.dumps(
+        sessions[0], pickle.HIGHEST_PROTOCOL))
+    with SharedMemorySessionCache.create(name, capacity=VALUE_SESSIONS, value_size=4096,
+                                         codec=codec) as cache:
+        try:
+            before = os.stat(segment_path(name)).st_blocks * 512
+            for i, session in enumerate(sessions):
+                cache.set(f"tok-{i}", session, 3600)
+            after = os.stat(segment_path(name)).st_blocks * 512
+            stats = cache.stats()
+        finally:
+            cache.unlink()
+    per_session = (after - before) / VALUE_SESSIONS
+    return {
+        "codec": codec_name,
+        "sessions": VALUE_SESSIONS,
+        "encoded_bytes": encoded,
+        "bytes_per_session": per_session,
+        "over_encoding": per_session - encoded,
+        "value_bytes": stats["value_bytes"],
+        "table_bytes": before,
+        "not_stored": stats["oversize"] + stats["arena_full"],
+    }
+
+
 def run(cfg: Config, progress: Progress) -> dict[str, Any]:
     per_mode = []
     for vs in MODES:
@@ -85,15 +135,19 @@ def run(cfg: Config, progress: Progress) -> dict[str, Any]:
             "value_size": vs,
             "capacity": cap,
             "slots": st["slots"],
-            "size_bytes": st["size_bytes"],
-            "bytes_per_session": (st2["size_bytes"] - st["size_bytes"]) / cap,
-            "size_over_capacity": st["size_bytes"] / cap,
-            "bytes_per_slot": (st2["size_bytes"] - st["size_bytes"])
+            "size_bytes": st["committed_bytes"],
+            "bytes_per_session": (st2["committed_bytes"] - st["committed_bytes"]) / cap,
+            "size_over_capacity": st["committed_bytes"] / cap,
+            "bytes_per_slot": (st2["committed_bytes"] - st["committed_bytes"])
             / (st2["slots"] - st["slots"]),
         })
+    values = []
+    for codec_name in ("pickle", "pydantic"):
+        progress.step(f"what a stored session adds, {codec_name}")
+        values.append(_values(codec_name))
     big = []
     for vs in (0, 256):
         progress.step(f"create and attach a {cfg.big_capacity:,}-session segment, "
                       f"value_size={vs}")
         big.append(_big(cfg.big_capacity, vs))
-    return {"per_mode": per_mode, "big": big}
+    return {"per_mode": per_mode, "values": values, "big": big}

@@ -214,8 +214,14 @@ def memory_table(memory: dict[str, Any]) -> Table:
                      f"{b['size_bytes'] / b['capacity']:.2f}", "",
                      f"{b['create_s'] * 1000:.1f} ms", f"{b['attach_s'] * 1000:.2f} ms",
                      f"{other * 1000:.2f} ms" if finite(other) else str(other)])
-    return ("Memory: shared memory per session of capacity (one more session's cost, and "
-            "the whole segment over its capacity)", headers, rows)
+    for v in memory.get("values", []):
+        rows.append([f"value_size=4096, per {v['codec']} Session stored "
+                     f"({v['encoded_bytes']} B encoded)", f"{v['bytes_per_session']:.1f} "
+                     f"(+{v['over_encoding']:.1f} over its encoding)", "", "", "", "", ""])
+    return ("Memory: shared memory reserved per session of capacity (one more session's "
+            "cost, and the whole segment over its capacity: the table, reserved when the "
+            "segment is made), and what each stored session adds in value mode (the arena, "
+            "reserved as values fill it)", headers, rows)
 
 
 def targets_table(targets: list[dict[str, Any]]) -> Table:

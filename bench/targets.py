@@ -213,6 +213,11 @@ def evaluate(result: dict[str, Any]) -> list[dict[str, Any]]:
     hash_only = [m["bytes_per_session"] for m in per_mode if m["value_size"] == 0]
     out.append(_target("shared memory per session, hash-and-expiry mode", "<=", 48.0,
                        {"hash-only": hash_only[0] if hash_only else None}, unit=" B"))
+    values = _get(result, "memory", "values") or []
+    out.append(_target(
+        "value mode: shared memory a stored session adds over its encoded size (the seed "
+        "app's Session, value_size=4096)", "<=", 64.0,
+        {v["codec"]: v["over_encoding"] for v in values}, unit=" B"))
     out += _fast_targets(result)
     out += _app_targets(_get(result, "app", "caches") or {})
     mode = _get(result, "meta", "mode")

@@ -44,6 +44,7 @@ A reference word (in the slot record, covered by the slot's check word) is
 from __future__ import annotations
 
 from collections.abc import Callable
+
 from .layout import U64, UNIT, Geometry, ref_units
 
 CTL_TOP, CTL_COMMITTED, CTL_LIVE, CTL_FULL, CTL_REBUILDS, CTL_FREED = range(6)
@@ -85,6 +86,10 @@ class Arena:
             return None
         return self._base + unit * UNIT, length
 
+    def offset_of(self, ref: int) -> int:
+        """Byte offset in the segment of a reference just allocated (trusted: ours)."""
+        return self._base + ((ref >> 32) - 1) * UNIT
+
     # -- allocation (caller holds the lock) ---------------------------------------------------
 
     def alloc_locked(self, length: int) -> int:
@@ -113,7 +118,9 @@ class Arena:
     def _repair_ctl_locked(self) -> None:
         w, ctl = self.words, self._ctl
         committed = min(w[ctl + CTL_COMMITTED], self._size)
-        w[ctl + CTL_COMMITTED] = committed if committed == self._size else committed - committed % _PAGE
+        if committed != self._size:
+            committed -= committed % _PAGE  # whole pages were reserved, or the whole arena
+        w[ctl + CTL_COMMITTED] = committed
         w[ctl + CTL_TOP] = 0
         self._rebuild()  # top, live and the lists again from the slots
 

@@ -1,8 +1,9 @@
 """The binary format of a shmcache segment: the only module that knows where bytes go.
 
-A segment is one header page followed by three slot arrays: the tags, contiguous so that
+A segment is one header page followed by the slot arrays: the tags, contiguous so that
 one ``find`` call in C scans a whole probe window; the check words, dense, because a cached
-``get`` reads only that word; and the records (expiry and value side by side)::
+``get`` reads only that word; the user tags; the records (expiry, fingerprint and, in value
+mode, a reference to the value); the lease stamps; and in value mode the value arena::
 
     offset 0      +------------------------------------------------------------+
                   | header (HEADER_SIZE = 4096 bytes)                          |
@@ -25,8 +26,8 @@ one ``find`` call in C scans a whole probe window; the check words, dense, becau
     TAGS = 4096   +------------------------------------------------------------+
                   | P = N + W - 1 tags of 16 bytes: keyed xxh3-128 of the      |
                   | token; all zero = empty slot                               |
-    CHECKS        | P check words (u64): bits 0-39 keyed xxh3-64 of            |
-                  | tag|meta|user|value area (never 0), bits 40-63 lock        |
+    CHECKS        | P check words (u64): bits 0-39 keyed xxh3-64 of tag|meta|  |
+                  | user|fingerprint[|reference|value] (never 0), bits 40-63   |
                   | generation bits 20-43; 0 = no valid entry                  |
     USERS         | P user words (u64): keyed xxh3-64 of str(user id), never 0;|
                   | 0 = a session with no user. Dense, so that revoking a user |
@@ -36,15 +37,22 @@ one ``find`` call in C scans a whole probe window; the check words, dense, becau
                   |   +8  fingerprint u64: keyed hash of the session's         |
                   |       encoding (0: unknown), so that a process holding an  |
                   |       equal session keeps it across another's equal set    |
-                  |   +16 value area (only if value size > 0): u32 length      |
-                  |       (0xFFFFFFFF = no value) + bytes, padded to 8         |
+                  |   +16 value reference (only if value size > 0): u64        |
+                  |       (unit + 1) << 32 | length; 0 = no value             |
     LEASES        | B words (u64), B = a power of two >= capacity: the lock    |
                   | generation of the last logout of a token or user hashed to |
                   | the bucket, so a set racing a logout can tell (leases)     |
+    ARENA_CTL     | value mode only: 8 control words of the allocator, then    |
+                  | one free-list head per block size in units (arena.py)      |
+    ARENA         | value mode only, page-aligned: blocks of 16-byte units,    |
+                  | (P + 1) x value size (at most 64 GiB), reserved with       |
+                  | posix_fallocate as values fill it: only what is used costs |
                   +------------------------------------------------------------+
 
 In hash-only mode a slot is 48 bytes (tag 16, check 8, user 8, meta 8, fingerprint 8); at
-the 1/2 maximum load, plus the lease stamps, that is 104 bytes of shared memory per session.
+the 1/2 maximum load, plus the lease stamps, that is 104 bytes of shared memory per session
+of capacity; value mode adds the 8-byte reference (120 bytes), and each stored value its
+encoding rounded up to 16 bytes, in the arena.
 
 Byte order is little-endian throughout. The immutable header is packed with ``struct``;
 the mutable words and the check/meta arrays are read and written through a native ``'Q'``

@@ -292,12 +292,14 @@ class Table(TableAudit):
         words = self.words
         mw = self._rec_w + slot * self._rw
         arena = self.arena
+        old_ref = ref = 0
         if arena is not None:  # the value's block first: nothing names it yet
             old_ref = words[mw + 2]
-            ref = arena.alloc_locked(len(value)) if value is not None else 0
-            if ref:
-                start = arena.span(ref, self._value_size)[0]  # type: ignore[index]
-                self._buf[start : start + len(value)] = value  # type: ignore[arg-type]
+            if value is not None:
+                ref = arena.alloc_locked(len(value))
+                if ref:
+                    start = arena.offset_of(ref)
+                    self._buf[start : start + len(value)] = value
         words[W_JOURNAL] = _OP_SLOT_BITS | slot
         cw = self._checks_w + slot
         # No "check = 0" first: until the new check lands, a reader that copies the slot
@@ -311,7 +313,7 @@ class Table(TableAudit):
         mu = (meta | user << 64 | fp << 128).to_bytes(24, "little")
         if arena is not None:
             words[mw + 2] = ref
-            area = ref.to_bytes(8, "little") + value if ref else _NO_REF  # type: ignore[operator]
+            area = ref.to_bytes(8, "little") + value if ref and value is not None else _NO_REF
             check = _xxh64(tag + mu + area, self._check_seed)
         else:
             check = _xxh64(tag + mu, self._check_seed)
