@@ -18,6 +18,7 @@ from . import (
     e2e,
     instructions,
     memory,
+    mix,
     multi,
     plots,
     readme,
@@ -33,7 +34,7 @@ from .progress import Progress
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = time.perf_counter()  # imported first thing by ``python -m bench``
-SECTIONS = ("single", "instructions", "multi", "table", "e2e", "memory", "app")
+SECTIONS = ("single", "instructions", "multi", "mix", "table", "e2e", "memory", "app")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,6 +97,7 @@ def _measure(cfg: Config, sections: list[str], keys: tuple[str, ...] | None,
         "single": lambda: single.run(cfg, chosen, res, progress),
         "instructions": lambda: instructions.run(cfg.instruction_calls, note=note),
         "multi": lambda: multi.run(cfg, chosen, res, progress),
+        "mix": lambda: mix.run(cfg, progress),
         "table": lambda: table.run(cfg, progress),
         "e2e": lambda: e2e.run(cfg, chosen, res, progress),
         "memory": lambda: memory.run(cfg, progress),

@@ -41,6 +41,9 @@ class Config:
     app_dependencies: tuple[str, ...] = ("sync", "async")
     # callgrind instruction counts (issue 15): calls per operation; 0: skipped
     instruction_calls: int = 1000
+    # the shared-token mix (bench/mix.py): requests per process and interleaved rounds
+    mix_requests: int = 100_000
+    mix_rounds: int = 3
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,6 +74,7 @@ QUICK = Config(
     # servers; `--quick --only app --app-seconds S` runs it anyway.
     app_seconds=0.0,
     instruction_calls=0,  # valgrind alone would take the minute: `python -m bench.instructions`
+    mix_requests=20_000, mix_rounds=1,
 )
 
 # For tests/test_bench.py: every section's machinery, one backend pair, a few hundred calls.
@@ -85,6 +89,7 @@ SMOKE = Config(
     # --smoke --only app --app-seconds 1 (tests/test_bench.py): one seed/value-mode pair.
     app_seconds=0.0, app_warmup=0.0, app_logouts=2, app_caches=("inmemory", "shm-512"),
     instruction_calls=0,  # tests/test_bench.py runs `python -m bench.instructions -n` itself
+    mix_requests=500, mix_rounds=1,
 )
 
 PRESETS = {c.name: c for c in (FULL, QUICK, SMOKE)}

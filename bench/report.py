@@ -199,6 +199,18 @@ def app_load_table(data: dict[str, Any]) -> Table:
             "cached the logged-out session", headers, rows)
 
 
+def mix_table(mix: dict[str, Any]) -> Table:
+    headers = ["cache", "CPU per request (median of rounds)", "vs the seed's", "each round",
+               "get miss rate"]
+    rows = []
+    for v in mix["variants"].values():
+        rows.append([v["label"], ns(v["cpu_per_request_ns"]), times(v["ratio"]),
+                     ", ".join(ns(x) for x in v["rounds_ns"]), f"{100 * v['miss_rate']:.1f}%"])
+    return (f"Shared-token mix: {mix['procs']} processes, {mix['pool']:,} tokens shared, "
+            f"{mix['requests']:,} requests each ({100 * mix['logout']:.0f}% invalidate, the "
+            "rest get and set on a miss)", headers, rows)
+
+
 def memory_table(memory: dict[str, Any]) -> Table:
     headers = ["segment", "bytes per session", "size / capacity", "bytes per slot",
                "create", "attach", "attach (other process)"]
@@ -251,6 +263,8 @@ def all_tables(result: dict[str, Any]) -> list[Table]:
         out.append(instructions_table(result["instructions"]))
     if "multi" in result:
         out += [multi_table(result["multi"], w) for w in result["multi"]["workloads"]]
+    if result.get("mix", {}).get("variants"):
+        out.append(mix_table(result["mix"]))
     if "table" in result:
         out.append(table_table(result["table"]))
     if "e2e" in result and result["e2e"].get("backends"):
