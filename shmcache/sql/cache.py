@@ -239,9 +239,15 @@ class DatabaseSessionCache(RemoteSessionCache, DatabaseUpkeep):
 
     def key_of(self, token: str) -> str:
         """The 32-hex-digit keyed hash that stands for ``token`` in the table and in
-        invalidation messages."""
+        invalidation messages. It starts a ``get`` of ``TieredSessionCache``: if the
+        database cannot be asked for the secret, that get is a miss that knows nothing of
+        logouts, so this thread's lease on ``token`` is void (as in ``get``)."""
         self._ensure_open()
-        return keyed(self._current("get")[0].key_mac, token).hex()
+        try:
+            return keyed(self._current("get")[0].key_mac, token).hex()
+        except CacheUnavailable:
+            self._leases.grant(token, EXPIRED)
+            raise
 
     def cached_key_of(self, token: str) -> str | None:
         secret = self._known_secret()

@@ -431,3 +431,30 @@ def test_sqlite_only_logouts_that_delete_a_row_wait_for_the_disk(
         intruder.append(bytes.fromhex(cache.key_of("late")))
         assert logout("late") == ["BEGIN IMMEDIATE", "ROLLBACK", *full]
         assert cache.get("late") is None and cache.stats()["entries"] == 1
+
+
+def test_a_tiered_miss_that_could_not_hash_the_token_is_a_void_lease(
+    own_pg: PostgresServer, pg_table: str, make_name: Callable[[], str], clock: Any
+) -> None:
+    """PostgreSQL down from the start: the tier's get cannot even compute the token's key
+    hash (the secret lives in the database) and, with fail_open, is a miss. The set after
+    it, once the database is back, is not stored: nothing was known of the logouts then.
+    (Before key_of voided the lease, this set was cached over the logout: checked.)"""
+    with DatabaseSessionCache(own_pg.url(), table=pg_table) as setup:
+        setup.set("warm", 1, 60)  # the tables and the secret exist
+    own_pg.stop()
+    with tiered_pg(own_pg, make_name(), clock, table=pg_table, fail_open=True) as cache:
+        assert cache.get("tok") is None
+        own_pg.start()
+        remote = cache._remote
+        for _ in range(300):  # the pool reconnects in the background: until it answers
+            if remote.get("warm") == 1:
+                break
+            time.sleep(0.05)
+        with DatabaseSessionCache(own_pg.url(), table=pg_table, clock=clock) as elsewhere:
+            elsewhere.invalidate("tok")
+            cache.set("tok", ALICE, 60)
+            assert cache.get("tok") is None
+            assert elsewhere.get("tok") is None
+            cache.set("tok", ALICE, 60)  # the working miss just now: a real lease
+            assert elsewhere.get("tok") == ALICE
