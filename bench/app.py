@@ -66,6 +66,7 @@ BUILTIN = (
     AppCache("shm", "shmcache, hash-only (value_size=0)", "gunicorn", 0),
     AppCache("shm-256", "shmcache, value_size=256", "gunicorn", 256),
     AppCache("shm-512", "shmcache, value_size=512", "gunicorn", 512),
+    AppCache("shm-4096", "shmcache, value_size=4096 (the README's recipe)", "gunicorn", 4096),
     AppCache("redis", "Redis (loopback)", "redis"),
 )
 BUILTIN_KEYS = tuple(c.key for c in BUILTIN)

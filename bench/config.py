@@ -37,7 +37,7 @@ class Config:
     app_ttl: float = 10.0  # the app's cache TTL (the seed app's default); tests shorten it
     app_rounds: int = 1  # each round: keep-alive, then a new connection per request
     app_logouts: int = 10  # users logged out in each round, under load
-    app_caches: tuple[str, ...] = ("inmemory", "shm", "shm-256", "shm-512", "redis")
+    app_caches: tuple[str, ...] = ("inmemory", "shm", "shm-512", "shm-4096", "redis")
     app_dependencies: tuple[str, ...] = ("sync", "async")
     # callgrind instruction counts (issue 15): calls per operation; 0: skipped
     instruction_calls: int = 1000
