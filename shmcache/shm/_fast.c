@@ -16,8 +16,12 @@
  * journal replay (Table.repair_locked is called back), the rare paths (a full per-process
  * map, a damaged copy of a tag, an oversize warning): they stay in Python.
  *
- * Hashing: the xxhash package has no C API, so the xxh3 functions are the Python module's
- * own (METH_FASTCALL builtins), called with PyObject_Vectorcall: no bytecode runs.
+ * Hashing: the keyed xxh3 hashes of table.py, computed by xxHash's own header inline when
+ * the build found it (setup.py: libxxhash-dev, SHMCACHE_XXHASH_INLINE), else by the xxhash
+ * module's functions (the package has no C API: METH_FASTCALL builtins called with
+ * PyObject_Vectorcall, no bytecode runs, about 600 instructions more per hash). Both are
+ * the same xxh3 (stable since xxHash 0.8.0): tests/shm/test_fast.py compares every byte
+ * the two implementations store.
  *
  * Signals: Python runs signal handlers only between bytecodes or in PyErr_CheckSignals.
  * Between taking and releasing the lock this code runs no bytecode of its own (it calls
@@ -42,6 +46,10 @@
 #include <unistd.h>
 #ifdef __SSE2__
 #include <emmintrin.h>
+#endif
+#ifdef SHMCACHE_XXHASH_INLINE
+#define XXH_INLINE_ALL
+#include <xxhash.h>
 #endif
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -105,6 +113,7 @@ typedef struct {
     /* Keyed hashing: the xxhash builtins and the seeds as Python ints. */
     PyObject *xxh128, *xxh64;
     PyObject *tag_seed, *check_seed, *user_seed, *fp_seed;
+    uint64_t tag_seed_u, check_seed_u, user_seed_u, fp_seed_u; /* the same, for inline xxh3 */
     /* Python helpers for the general (error) paths, and the errors raised. */
     PyObject *dumps, *canonical, *ttl_arg, *user_key, *on_recover;
     PyObject *arena_alloc; /* Arena.alloc_locked: the allocator's rare paths; NULL: no arena */
@@ -249,6 +258,17 @@ static inline int meta_expired(uint64_t meta, long long now_ms)
 
 static int hash64(Core *c, PyObject *seed, PyObject *data, uint64_t *out)
 {
+#ifdef SHMCACHE_XXHASH_INLINE
+    if (PyBytes_CheckExact(data)) {
+        /* seed is one of the core's four seed objects: its value, without a conversion */
+        uint64_t s = seed == c->check_seed  ? c->check_seed_u
+                     : seed == c->fp_seed   ? c->fp_seed_u
+                     : seed == c->user_seed ? c->user_seed_u
+                                            : c->tag_seed_u;
+        *out = XXH3_64bits_withSeed(PyBytes_AS_STRING(data), (size_t)PyBytes_GET_SIZE(data), s);
+        return 0;
+    }
+#endif
     PyObject *args[2] = {data, seed};
     PyObject *r = PyObject_Vectorcall(c->xxh64, args, 2, NULL);
     if (r == NULL)
@@ -276,6 +296,28 @@ static PyObject *str_bytes(PyObject *s)
    bytes, the home slot h % N. The digest is h big-endian (xxhash's canonical form). */
 static int tag_of(Core *c, PyObject *token, uint8_t tag[TAG_SIZE], uint64_t *home)
 {
+#ifdef SHMCACHE_XXHASH_INLINE
+    PyObject *b = NULL;
+    const char *p;
+    Py_ssize_t n;
+#if PY_VERSION_HEX < 0x030C0000
+    if (PyUnicode_READY(token) < 0)
+        return -1;
+#endif
+    if (PyUnicode_IS_ASCII(token)) { /* its UTF-8 is its data: no bytes object */
+        p = (const char *)PyUnicode_DATA(token);
+        n = PyUnicode_GET_LENGTH(token);
+    } else {
+        if ((b = str_bytes(token)) == NULL)
+            return -1;
+        p = PyBytes_AS_STRING(b);
+        n = PyBytes_GET_SIZE(b);
+    }
+    XXH128_hash_t x = XXH3_128bits_withSeed(p, (size_t)n, c->tag_seed_u);
+    Py_XDECREF(b);
+    memcpy(tag, &x.low64, 8); /* the int h in 16 little-endian bytes */
+    memcpy(tag + 8, &x.high64, 8);
+#else
     PyObject *b = str_bytes(token);
     if (b == NULL)
         return -1;
@@ -293,6 +335,7 @@ static int tag_of(Core *c, PyObject *token, uint8_t tag[TAG_SIZE], uint64_t *hom
     for (int i = 0; i < TAG_SIZE; i++)
         tag[i] = be[TAG_SIZE - 1 - i];
     Py_DECREF(d);
+#endif
     uint64_t lo, hi;
     memcpy(&lo, tag, 8);
     memcpy(&hi, tag + 8, 8);
@@ -1683,6 +1726,10 @@ static int Core_init(Core *c, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "value mode needs a codec and an arena");
         return -1;
     }
+    c->tag_seed_u = tag_seed;
+    c->check_seed_u = check_seed;
+    c->user_seed_u = tag_seed ^ USER_SALT;
+    c->fp_seed_u = check_seed ^ FP_SALT;
     c->tag_seed = PyLong_FromUnsignedLongLong(tag_seed);
     c->check_seed = PyLong_FromUnsignedLongLong(check_seed);
     c->user_seed = PyLong_FromUnsignedLongLong(tag_seed ^ USER_SALT);
@@ -1873,6 +1920,11 @@ PyMODINIT_FUNC PyInit__fast(void)
         {"MAX_EXPIRY_MS", (long long)MAX_EXPIRY_MS}, {"UNIT", (long long)UNIT},
         {"OP_SLOT", (long long)OP_SLOT}, {"USER_SALT", (long long)USER_SALT},
         {"FP_SALT", (long long)FP_SALT}, {"SPINS", SPINS},
+#ifdef SHMCACHE_XXHASH_INLINE
+        {"XXH3_INLINE", 1},
+#else
+        {"XXH3_INLINE", 0},
+#endif
     };
     for (size_t i = 0; i < sizeof consts / sizeof *consts; i++) {
         if (PyModule_AddObject(m, consts[i].name, PyLong_FromLongLong(consts[i].value)) < 0)
