@@ -52,7 +52,9 @@ def _cache_thread(cache: Any, seed: int, stop: Any, log: list[tuple[Any, ...]]) 
             seq += 1
             nonce = f"{seed}-{seq}"
             s = now()
-            cache.set(t, {"t": t, "n": nonce}, 60.0)
+            # Sizes from one arena unit to 60 (value mode): the allocator's free lists,
+            # splits and bump pointer all run under the stops.
+            cache.set(t, {"t": t, "n": nonce, "p": "x" * rng.choice((0, 40, 300, 900))}, 60.0)
             log.append(("S", t, nonce, s, now()))
         elif r < 0.55:
             s = now()
@@ -141,7 +143,7 @@ def check_model(events: list[tuple[Any, ...]]) -> int:
 def run_model(
     segment_name: str, tmp_path: Path, stops: int, busy_threads: int, cache_threads: int
 ) -> None:
-    cache = SharedMemorySessionCache.create(segment_name, capacity=256, value_size=96)
+    cache = SharedMemorySessionCache.create(segment_name, capacity=256, value_size=1024)
     stop = FORK.RawValue("i", 0)
     rng = random.Random(20261129 + busy_threads)
     outs = [str(tmp_path / f"log-{i}.pickle") for i in range(3)]
