@@ -40,10 +40,11 @@ from ._errors import (
     InvalidArgument,
     SegmentExists,
     SegmentNotFound,
+    SegmentPermissionError,
     ShmCacheError,
 )
 from ._protocol import UserIdOf
-from .codecs import Codec
+from .codecs import Codec, PickleCodec
 from .shm.cache import SharedMemorySessionCache
 from .shm.segment import normalize_name, unlink_name
 from .shm.startup import attach_when_ready, create_or_attach
@@ -107,7 +108,27 @@ def _name(server: Any = None) -> str:
     )
 
 
-def _open_in_master(name: str) -> SharedMemorySessionCache:
+def _attach_in_master(
+    name: str, worker_uid: int, options: dict[str, Any]
+) -> SharedMemorySessionCache:
+    """Attach a segment made by a master we replace. That master handed it to its workers'
+    user (gunicorn ``user=``): the segment is owned by that user, which this master trusts
+    as its own workers' (the workers that read it run as that user; the master never reads
+    a session), pickles included, as it did when it made it."""
+    try:
+        return attach_when_ready(name, **options)
+    except SegmentPermissionError:
+        if worker_uid == os.geteuid():
+            raise
+    trusted = {**options, "owner_uid": worker_uid}
+    if trusted.get("codec") is None:
+        # The default codec unpickles: allowed only where the caller names the writer it
+        # trusts (construct.refuse_default_pickle) - here, its own workers' user.
+        trusted["codec"] = PickleCodec()
+    return attach_when_ready(name, **trusted)
+
+
+def _open_in_master(name: str, worker_uid: int) -> SharedMemorySessionCache:
     capacity = _int_setting("capacity", ENV_CAPACITY, 65536)
     value_size = _int_setting("value_size", ENV_VALUE_SIZE, 0)
     options = _options()
@@ -119,7 +140,7 @@ def _open_in_master(name: str) -> SharedMemorySessionCache:
     # by side for a while), by one starting at the same instant (wait until it has made
     # the segment whole), or by a master that crashed. Share it if its layout is ours.
     try:
-        cache = attach_when_ready(name, **options)
+        cache = _attach_in_master(name, worker_uid, options)
     except (IncompatibleSegment, SegmentNotFound) as exc:
         # Another layout version, or a segment whose creator died making it: never share
         # those. Take the name over (and an older version's semaphore beside it); processes
@@ -146,11 +167,13 @@ def on_starting(server: Any) -> None:
     if existing is not None and not existing.closed and existing.name == name:
         # preload_app imports the app before this hook: if it already called get_cache(),
         # that object is the one to keep (and to unlink at exit).
-        cache = existing
-        cache.adopt()
+        cache: SharedMemorySessionCache | None = existing
+        existing.adopt()
     else:
-        cache = _open_in_master(name)
+        cache = None
     uid, gid = getattr(server.cfg, "uid", os.geteuid()), getattr(server.cfg, "gid", os.getegid())
+    if cache is None:
+        cache = _open_in_master(name, uid)
     if uid != os.geteuid() or gid != os.getegid():
         cache.chown(uid, gid)  # workers drop to this user; spawned ones attach by name
     os.environ[ENV_NAME] = name

@@ -161,10 +161,22 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_binary_upgrade_usr2_shares_the_segment_and_leaves_no_name_behind() -> None:
+@pytest.mark.parametrize("user", [None, "nobody"])
+def test_binary_upgrade_usr2_shares_the_segment_and_leaves_no_name_behind(
+    user: str | None,
+) -> None:
     """USR2 starts a new master beside the old one (same app, same layout): it must share
-    the segment, keep the sessions, survive the old master's exit, and clean up at its own."""
-    with serve("shm") as server:
+    the segment, keep the sessions, survive the old master's exit, and clean up at its own.
+    With ``user = 'nobody'`` the old master handed the segment (value mode, default pickle)
+    to its workers' user: the new root master must still share it (before the fix its
+    attach refused a segment it did not own, and gunicorn failed to start)."""
+    if user is not None and os.geteuid() != 0:
+        pytest.fail("this test needs root (to start gunicorn that drops to 'nobody')")
+    extra = "" if user is None else f"user = {user!r}\ngroup = 'nogroup'\n"
+    with serve("shm", extra_config=extra, preload=user is not None) as server:
+        if user is not None:
+            os.chmod(server.workdir, 0o777)  # the demo's SQLite file, written by the workers
+            assert os.stat(f"/dev/shm/{server.name}").st_uid != 0
         old_master = server.process.pid
         old_workers = set(_children(old_master))
         token = server.request("POST", "/login")[1]["token"]
