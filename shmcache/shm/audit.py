@@ -43,7 +43,6 @@ class TableAudit:
     read_slot: Callable[[int], Any]
     clear_locked: Callable[[], None]
     _zero_slot_locked: Callable[[int], None]
-    rebuild_arena_locked: Callable[[], None]
     arena: Arena | None
 
     def damaged_copies(self, tag: bytes, home: int) -> list[int]:
@@ -87,6 +86,33 @@ class TableAudit:
         # block handed out but never named): rebuild it from the slots (see arena.py).
         self.rebuild_arena_locked()
         return done
+
+    def _drop_slot_keeping_block_locked(self, slot: int) -> None:
+        """Empty a slot whose reference is damage (a rebuild found it): its block is not
+        its own, so nothing is freed."""
+        self.words[self._rec_w + slot * self._rw + 2] = 0
+        self._zero_slot_locked(slot)
+
+    def rebuild_arena_locked(self) -> None:
+        """Rebuild the arena's free lists from the references of the slots (see arena.py)."""
+        if self.arena is None:
+            return
+        words, phys = self.words, self._phys
+        checks = words[self._checks_w : self._checks_w + phys].tolist()
+        first = self._rec_w + 2
+        refs = words[first : first + phys * self._rw : self._rw].tolist()
+        named = []
+        for slot, ref in enumerate(refs):
+            if not ref:
+                continue
+            # A slot that is not a whole entry (a write that never finished, damage) does
+            # not own its reference: dropped here, as purge would, so it holds no block.
+            if checks[slot] and self.read_slot(slot) is not None:
+                named.append((slot, ref))
+            else:
+                self._drop_slot_keeping_block_locked(slot)
+        self.arena.rebuild_locked(named, self._drop_slot_keeping_block_locked)
+        words[W_JOURNAL] = OP_NONE  # the drops above were journaled, and are complete
 
     # -- inspection ----------------------------------------------------------------------
 
