@@ -92,7 +92,12 @@ def test_threads_share_one_cache(url: str) -> None:
     shared = [f"shared-{i}" for i in range(10)]
     users = ("u0", "u1")
     # No lease expires during the test, however slow the machine: the model has no clock.
-    cache = open_cache(url, lease_timeout=3600)
+    # Nor does a write wait out the busy timeout (1 s by default): 16 threads of one process
+    # take turns on SQLite's single writer lock, whose waiters poll (up to 100 ms apart) and
+    # lose to newcomers, and on a loaded 2-core machine one waited > 1 s ("database is
+    # locked"). This test is about threads sharing one object; test_sql_failures.py tests
+    # the timeout itself.
+    cache = open_cache(url, lease_timeout=3600, timeout=10)
 
     def worker(w: int) -> None:
         rng = random.Random(w)
