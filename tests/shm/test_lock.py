@@ -35,6 +35,10 @@ from shmcache import (
 
 FORK = multiprocessing.get_context("fork")
 TOKENS = [f"tok-{i:02d}-" + "s" * 40 for i in range(24)]
+# The model logs the operations on these tokens only (the check is per token, so this is
+# sound), and no get that missed (nothing to check): the compiled core makes tens of
+# millions of operations in a run, whose full log took 6 GB in the parent to check.
+WATCHED = frozenset(TOKENS[:4])
 TIMEOUT = 120.0
 
 
@@ -55,18 +59,21 @@ def _cache_thread(cache: Any, seed: int, stop: Any, log: list[tuple[Any, ...]]) 
             # Sizes from one arena unit to 60 (value mode): the allocator's free lists,
             # splits and bump pointer all run under the stops.
             cache.set(t, {"t": t, "n": nonce, "p": "x" * rng.choice((0, 40, 300, 900))}, 60.0)
-            log.append(("S", t, nonce, s, now()))
+            if t in WATCHED:
+                log.append(("S", t, nonce, s, now()))
         elif r < 0.55:
             s = now()
             cache.invalidate(t)
-            log.append(("I", t, None, s, now()))
+            if t in WATCHED:
+                log.append(("I", t, None, s, now()))
         else:
             s = now()
             got = cache.get(t)
             e = now()
             if got is not None and got["t"] != t:
                 raise AssertionError(f"get({t!r}) returned another token's session {got}")
-            log.append(("G", t, None if got is None else got["n"], s, e))
+            if got is not None and t in WATCHED:
+                log.append(("G", t, got["n"], s, e))
 
 
 def _busy(stop: Any) -> None:
