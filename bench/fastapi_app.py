@@ -32,20 +32,10 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel
 
 from bench.appcounters import WorkerCounters
 from bench.auth import sign
-
-
-class Session(BaseModel):
-    """The seed app's session model."""
-
-    id: int
-    token: str
-    created_at: str
-    expires_at: str
-
+from bench.models import Session
 
 SECRET = os.environ.get("BENCH_SECRET", "bench-secret").encode()
 TTL = float(os.environ.get("BENCH_TTL", "10"))

@@ -91,7 +91,7 @@ VALUE_SESSIONS = 20_000
 
 def _values(codec_name: str) -> dict[str, Any]:
     """Store the seed app's Session VALUE_SESSIONS times; what /dev/shm allocated per one."""
-    from .fastapi_app import Session
+    from .models import Session
 
     codec = PydanticCodec(Session) if codec_name == "pydantic" else None
     name = segment_name("values")
