@@ -24,10 +24,13 @@
  * the two implementations store.
  *
  * Signals: Python runs signal handlers only between bytecodes or in PyErr_CheckSignals.
- * Between taking and releasing the lock this code runs no bytecode of its own (it calls
- * the xxhash builtins, and Table.repair_locked only when a previous holder died or left a
- * write unfinished), so a handler's exception cannot cut a write in half here; the waits
- * call PyErr_CheckSignals between 20 ms slices, while holding nothing.
+ * Between taking and releasing the lock this code runs no bytecode of its own but in two
+ * rare cases: Table.repair_locked (a previous holder died or left a write unfinished) and
+ * Arena.alloc_locked (pages to commit, a split, a rebuild). There a signal handler (or
+ * another thread) may run and raise: the write stops before its journal entry, and
+ * abandon_write repairs (the rebuild makes the arena whole again), as the pure-Python
+ * code's except path does. The waits call PyErr_CheckSignals between 20 ms slices, while
+ * holding nothing.
  *
  * Little-endian hosts with glibc only (the Python side checks both before using this).
  */
@@ -425,7 +428,7 @@ static int arena_alloc(Core *c, uint64_t length, uint64_t *ref)
         uint64_t h = c->heads_w + n, head = ld(c, h);
         if (head) {
             unit = head - 1;
-            if (unit + n <= top) {
+            if (n <= top && unit <= top - n) { /* no wrap, whatever the word holds */
                 uint64_t next = ld(c, c->arena_w + unit * 2);
                 if (next <= top) {
                     st(c, h, next);
@@ -463,7 +466,9 @@ static void arena_free(Core *c, uint64_t ref)
     if (hi == 0)
         return;
     uint64_t unit = hi - 1, n = ref_units((uint32_t)ref), top = ld(c, c->ctl_w + CTL_TOP);
-    if (n > c->max_units || unit + n > top || top > c->arena_size / UNIT)
+    uint64_t committed = ld(c, c->ctl_w + CTL_COMMITTED);
+    uint64_t limit = committed < c->arena_size ? committed : c->arena_size;
+    if (n > c->max_units || unit + n > top || top > limit / UNIT)
         return;
     uint64_t h = c->heads_w + n;
     st(c, c->arena_w + unit * 2, ld(c, h));
@@ -641,7 +646,6 @@ static int write_slot(Core *c, uint64_t slot, const uint8_t tag[TAG_SIZE], uint6
 {
     uint64_t mw = meta_w(c, slot), old_ref = 0, ref = 0;
     if (c->value_mode) { /* the value's block first: nothing names it yet */
-        old_ref = ld(c, mw + 2);
         if (vlen >= 0) {
             if (arena_alloc(c, (uint64_t)vlen, &ref) < 0)
                 return -1; /* abandon_write's repair rebuilds the arena */
@@ -650,6 +654,9 @@ static int write_slot(Core *c, uint64_t slot, const uint8_t tag[TAG_SIZE], uint6
             if (off)
                 st_bytes(c, off, value, (size_t)vlen);
         }
+        /* after the allocation: a rebuild inside it may have dropped this slot (damaged),
+           giving its block back already */
+        old_ref = ld(c, mw + 2);
     }
     Py_ssize_t area_len = c->value_mode ? (ref ? 8 + vlen : 8) : 0;
     PyObject *blob = check_blob(tag, meta, user, fp, area_len);
@@ -1524,7 +1531,8 @@ static PyObject *Core_set(Core *c, PyObject *const *args, Py_ssize_t nargs, PyOb
 
     if (acquire(c, &gen) < 0)
         goto out;
-    /* The lock is held from here to release(): no bytecode of ours runs in between. */
+    /* The lock is held from here to release(): no bytecode of ours runs in between but
+       the rare paths named at the top of this file (repair, the arena's slow path). */
     if (lease_kind == EXPIRED ||
         (lease_kind == STAMPED &&
          (logout_mark(c, c->leases_w + (tag_hi(tag) & c->lease_mask), gen) >= lease ||

@@ -75,6 +75,7 @@ class SegmentAdmin:
             except BaseException:
                 if lock.held():
                     self._table.repair_locked()
+                    self._words[W_WRITING] = 0  # repaired: the next holder need not
                 raise
             finally:
                 lock.release()

@@ -10,15 +10,19 @@ Why an arena and not a value area per slot: a slot sized for the largest session
 most 15 bytes of padding (and the 8-byte reference in its slot).
 
 Memory grows with use. The arena's pages are reserved on demand (``commit``: the segment
-calls ``posix_fallocate`` for the next step), so the shared memory used follows the sessions
-actually stored, up to ``capacity x value_size``; a reader never touches a page that was not
-reserved (it bounds every reference by the committed size), so a full /dev/shm means a
-value not stored (counted in ``arena_full``), never a SIGBUS.
+calls ``posix_fallocate`` for the next step, at most 64 MiB, after checking that /dev/shm
+has that much free, since a failing fallocate on tmpfs briefly takes every free page), so
+the shared memory used follows the sessions actually stored, up to a ``value_size`` block
+per slot; a reader never touches a page that was not reserved (it bounds every reference by
+the committed size), so a full /dev/shm means a value not stored (counted in
+``arena_full``; a failed commit is tried again only after 64 more), never a SIGBUS.
 
 Allocation: one free list per block size in units (exact classes: a session's size hardly
 changes, so a freed block is reused by the next session of its size), else the bump pointer
 ``top``, else a larger free block split, else, if enough was freed since the last time,
-a rebuild (below) and one more try; failing all that the value is not stored (its session
+a rebuild (below: only once the units freed since the last one reach an eighth of the
+slots and a sixteenth of what is committed, so that its O(slots) cost is amortised) and one
+more try; failing all that the value is not stored (its session
 stays a hit where it was set, like an oversize one).
 
 Crash safety: the free lists are rebuilt from the slots. Every live block is named by the
@@ -34,6 +38,7 @@ Arena control words (``ctl``), then one head word per block size::
     ctl+0 top: units handed out by the bump pointer      ctl+1 committed bytes of the arena
     ctl+2 live units (in blocks named by slots)           ctl+3 values not stored: no room
     ctl+4 rebuilds                                       ctl+5 units freed since the last rebuild
+    ctl+6 the ctl+3 count at which a failed commit is tried again
     heads[n], n = 1 .. max units: unit + 1 of the first free block of n units (0: empty);
     a free block's first word holds the next one's unit + 1.
 
@@ -47,9 +52,15 @@ from collections.abc import Callable
 
 from .layout import U64, UNIT, Geometry, ref_units
 
-CTL_TOP, CTL_COMMITTED, CTL_LIVE, CTL_FULL, CTL_REBUILDS, CTL_FREED = range(6)
+CTL_TOP, CTL_COMMITTED, CTL_LIVE, CTL_FULL, CTL_REBUILDS, CTL_FREED, CTL_RETRY = range(7)
 _STEP = 64 * 1024  # commit at least this much at a time (and a page multiple)
+_MAX_STEP = 64 << 20  # and at most this much more than needed (fallocate holds the lock)
+_RETRY_AFTER = 64  # values not stored before a failed commit is tried again
 _PAGE = 4096
+
+
+def _round_page(n: int) -> int:
+    return -(-n // _PAGE) * _PAGE
 
 
 class Arena:
@@ -70,6 +81,7 @@ class Arena:
         self._base_w = g.arena_offset // 8
         self._size = g.arena_bytes
         self._max_units = g.max_units
+        self._phys = g.physical_slots
         self._commit = commit  # (offset, length) -> reserved?
         self._rebuild = rebuild  # the table's: it knows which slots name which blocks
 
@@ -102,18 +114,27 @@ class Arena:
             committed % _PAGE and committed != self._size
         ):
             self._repair_ctl_locked()  # words no allocator wrote: damage
+        unit = self._take_locked(n, split=False)
+        if unit < 0:
+            unit = self.alloc_slow_locked(n)
+            if unit < 0:
+                return 0
+        w[self._ctl + CTL_LIVE] = (w[self._ctl + CTL_LIVE] + n) & U64
+        return (unit + 1) << 32 | length
+
+    def _take_locked(self, n: int, split: bool) -> int:
+        """A free block of ``n`` units, else the bump pointer within what is committed,
+        else (``split``) a larger free block split; -1 if none."""
         unit = self._pop_locked(n)
         if unit < 0:
+            w = self.words
             top = w[self._ctl + CTL_TOP]
             if (top + n) * UNIT <= w[self._ctl + CTL_COMMITTED]:
                 w[self._ctl + CTL_TOP] = top + n
-                unit = top
-            else:
-                unit = self.alloc_slow_locked(n)
-                if unit < 0:
-                    return 0
-        w[self._ctl + CTL_LIVE] = (w[self._ctl + CTL_LIVE] + n) & U64
-        return (unit + 1) << 32 | length
+                return int(top)
+            if split:
+                unit = self._split_locked(n)
+        return unit
 
     def _repair_ctl_locked(self) -> None:
         w, ctl = self.words, self._ctl
@@ -145,21 +166,26 @@ class Arena:
         w, ctl = self.words, self._ctl
         top, committed = w[ctl + CTL_TOP], w[ctl + CTL_COMMITTED]
         need = (top + n) * UNIT
-        if need <= self._size:
-            grow = max(need - committed, _STEP, committed // 8)
-            new = min(self._size, -(-(committed + grow) // _PAGE) * _PAGE)
-            if self._commit(self._base + committed, new - committed):
+        if need <= self._size and w[ctl + CTL_FULL] >= w[ctl + CTL_RETRY]:
+            grow = max(need - committed, _STEP, min(committed // 8, _MAX_STEP))
+            new = min(self._size, _round_page(committed + grow))
+            reserved = self._commit(self._base + committed, new - committed)
+            if not reserved and min(self._size, _round_page(need)) < new:
+                new = min(self._size, _round_page(need))  # just what this value needs
+                reserved = self._commit(self._base + committed, new - committed)
+            if reserved:
                 w[ctl + CTL_COMMITTED] = new
                 w[ctl + CTL_TOP] = top + n
                 return int(top)
+            w[ctl + CTL_RETRY] = (w[ctl + CTL_FULL] + _RETRY_AFTER) & U64
         unit = self._split_locked(n)
-        if unit < 0 and w[ctl + CTL_FREED] * UNIT * 16 >= w[ctl + CTL_COMMITTED]:
-            # Enough was freed since the last rebuild (a 16th of what is committed, so that
-            # a full arena does not rebuild on every set): coalesce it, then one more try.
+        freed = w[ctl + CTL_FREED]
+        if unit < 0 and freed and freed >= max(self._phys // 8, w[ctl + CTL_COMMITTED] // 256):
+            # Enough was freed since the last rebuild (an eighth of the slots, a sixteenth
+            # of what is committed: its O(slots) cost amortised over as many frees, and a
+            # full arena does not rebuild on every set): coalesce it, then one more try.
             self._rebuild()
-            unit = self._pop_locked(n)
-            if unit < 0:
-                unit = self._split_locked(n)
+            unit = self._take_locked(n, split=True)
         if unit < 0:
             w[ctl + CTL_FULL] = (w[ctl + CTL_FULL] + 1) & U64
         return unit
@@ -186,7 +212,8 @@ class Arena:
         n = ref_units(length)
         w = self.words
         top = w[self._ctl + CTL_TOP]
-        if unit < 0 or n > self._max_units or unit + n > top or top * UNIT > self._size:
+        limit = min(w[self._ctl + CTL_COMMITTED], self._size)
+        if unit < 0 or n > self._max_units or unit + n > top or top * UNIT > limit:
             return
         self._push_locked(unit, n)
         w[self._ctl + CTL_LIVE] = max(0, w[self._ctl + CTL_LIVE] - n)
@@ -254,6 +281,7 @@ class Arena:
         problems = []
         if top * UNIT > min(w[ctl + CTL_COMMITTED], self._size):
             problems.append(f"arena: top ({top} units) past the committed pages")
+            top = min(w[ctl + CTL_COMMITTED], self._size) // UNIT  # walk no further
         live = sum(n for _, n, _ in named)
         if live != w[ctl + CTL_LIVE]:
             problems.append(f"arena: {live} units in use, but the live count is "

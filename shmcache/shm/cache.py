@@ -342,6 +342,7 @@ class SharedMemorySessionCache(LocalCopies, SegmentAdmin, ClosesOnExit):
         except BaseException:
             if lock.held():
                 table.repair_locked()  # e.g. a signal handler raised mid-write
+                self._words[W_WRITING] = 0  # repaired: the next holder need not
             raise
         finally:
             lock.release()
@@ -386,6 +387,7 @@ class SharedMemorySessionCache(LocalCopies, SegmentAdmin, ClosesOnExit):
         except BaseException:
             if lock.held():
                 table.repair_locked()
+                self._words[W_WRITING] = 0  # repaired: the next holder need not
             raise
         finally:
             lock.release()
@@ -409,6 +411,7 @@ class SharedMemorySessionCache(LocalCopies, SegmentAdmin, ClosesOnExit):
             except BaseException:
                 if lock.held():
                     table.repair_locked()
+                    self._words[W_WRITING] = 0  # repaired: the next holder need not
                 raise
             finally:
                 lock.release()
@@ -433,6 +436,7 @@ class SharedMemorySessionCache(LocalCopies, SegmentAdmin, ClosesOnExit):
         except BaseException:
             if lock.held():
                 self._table.repair_locked()
+                self._words[W_WRITING] = 0  # repaired: the next holder need not
             raise
         finally:
             lock.release()
@@ -452,6 +456,7 @@ class SharedMemorySessionCache(LocalCopies, SegmentAdmin, ClosesOnExit):
         except BaseException:
             if lock.held():
                 self._table.repair_locked()
+                self._words[W_WRITING] = 0  # repaired: the next holder need not
             raise
         finally:
             lock.release()

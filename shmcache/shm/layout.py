@@ -102,7 +102,7 @@ CHECK_HASH_BITS = 40
 CHECK_HASH_MASK = (1 << CHECK_HASH_BITS) - 1
 STAMP_MASK = (1 << (64 - CHECK_HASH_BITS)) - 1
 UNIT = 16  # the arena's allocation unit (see arena.py)
-MAX_ARENA = UNIT << 32  # a reference names a unit with 32 bits
+MAX_ARENA = (UNIT << 32) - 4096  # a reference names unit + 1 with 32 bits
 ARENA_CTL_WORDS = 8
 U64 = (1 << 64) - 1
 

@@ -81,6 +81,15 @@ class Segment:
         """Allocate pages of the segment before their first touch (the value arena grows
         this way, see arena.py); False if /dev/shm has no room for them."""
         try:
+            # posix_fallocate on tmpfs takes pages until it fails, then gives them back: a
+            # doomed attempt would briefly leave /dev/shm full for everyone (a SIGBUS for a
+            # process faulting a page then). Not attempted unless the room is there.
+            vfs = os.fstatvfs(self.fd)
+            if vfs.f_bavail * vfs.f_frsize < length:
+                return False
+        except OSError:
+            pass  # no statvfs here: let posix_fallocate answer
+        try:
             _reserve(self.fd, length, self.name, offset)
         except NoSpace:
             return False

@@ -294,12 +294,14 @@ class Table(TableAudit):
         arena = self.arena
         old_ref = ref = 0
         if arena is not None:  # the value's block first: nothing names it yet
-            old_ref = words[mw + 2]
             if value is not None:
                 ref = arena.alloc_locked(len(value))
                 if ref:
                     start = arena.offset_of(ref)
                     self._buf[start : start + len(value)] = value
+            # Read after the allocation: a rebuild inside it may have dropped this slot
+            # (damaged), giving its block back already.
+            old_ref = words[mw + 2]
         words[W_JOURNAL] = _OP_SLOT_BITS | slot
         cw = self._checks_w + slot
         # No "check = 0" first: until the new check lands, a reader that copies the slot

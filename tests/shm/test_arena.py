@@ -259,3 +259,101 @@ def test_memory_grows_with_the_sessions_encoded_sizes(segment_name: str, codec: 
             other.close()
     finally:
         cache.close()
+
+
+# -- a full /dev/shm, and damage (an adversarial review's cases) ----------------------------
+
+
+def test_a_full_dev_shm_neither_rebuilds_nor_retries_on_every_set() -> None:
+    """/dev/shm full from the start: each set used to retry posix_fallocate (which, on
+    tmpfs, briefly takes every free page) and rebuild the whole arena, lock held."""
+    calls = []
+
+    def refuse(offset: int, length: int) -> bool:
+        calls.append(length)
+        return False
+
+    t = table(1000, 1024, refuse)
+    for i in range(200):
+        put(t, b"t%d" % i, b"v" * 300)
+    assert t.arena is not None
+    stats = t.arena.stats()
+    assert stats["arena_full"] == 200 and stats["arena_rebuilds"] == 0
+    assert len(calls) <= 2 * (1 + 200 // 64)  # a step, then just what is needed
+
+
+def test_a_commit_that_fails_retries_with_just_what_is_needed() -> None:
+    room = [64 * 1024 + 4096]  # the first 64 KiB step fits, the next one does not
+    calls = []
+
+    def commit(offset: int, length: int) -> bool:
+        calls.append(length)
+        if length > room[0]:
+            return False
+        room[0] -= length
+        return True
+
+    t = table(100_000, 4096, commit)
+    assert t.arena is not None
+    per_block = 16 * ref_units(300)
+    for i in range(400):
+        put(t, b"t%d" % i, b"v" * 300)
+    # 64 KiB, then a refused 64 KiB step, then the one page this value needs: granted.
+    assert calls[:3] == [64 * 1024, 64 * 1024, 4096]
+    stored = (64 * 1024 + 4096) // per_block
+    assert t.arena.stats()["arena_committed_bytes"] == 64 * 1024 + 4096
+    assert t.arena.stats()["arena_full"] == 400 - stored
+    assert len(calls) <= 3 + 2 * (1 + (400 - stored) // 64)
+
+
+@pytest.mark.parametrize("pure", [True, False], ids=["python", "compiled"])
+def test_a_garbage_free_list_head_is_forgotten(
+    segment_name: str, pure: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A head word whose unit + size wraps around 2**64: the compiled core once read
+    outside the mapping from it. Both implementations now drop the list."""
+    monkeypatch.setenv("SHMCACHE_PURE_PYTHON", "1" if pure else "0")
+    cache = SharedMemorySessionCache.create(segment_name, capacity=100, value_size=4096)
+    try:
+        if not pure and cache.stats()["implementation"] != "c":
+            pytest.fail("the compiled core is not built")
+        value = "x" * 3000
+        n = ref_units(len(pickle.dumps(value, pickle.HIGHEST_PROTOCOL)))
+        arena = cache._table.arena
+        assert arena is not None
+        cache._words[arena._heads + n] = (1 << 64) - n + 1
+        cache.set("tok", value, 60)
+        assert cache.get("tok") == value
+        assert cache._words[arena._heads + n] == 0
+        assert cache.check() == []
+    finally:
+        cache.close()
+
+
+def test_check_survives_damaged_arena_words() -> None:
+    t = table(100, 512)
+    assert t.arena is not None
+    put(t, b"a", b"v" * 100)
+    ctl, heads = t.arena._ctl, t.arena._heads
+    for top, head in [(1 << 62, 1 << 40), (1 << 40, 2)]:
+        t.words[ctl] = top
+        t.words[heads + 1] = head
+        t.words[t.arena._base_w + 2] = head  # block 1 points at itself: a loop
+        assert t.arena_problems_locked()  # reported, not raised, and it ends
+    t.rebuild_arena_locked()  # the lock recovery's answer to such damage
+    assert t.arena_problems_locked() == []
+
+
+def test_a_rebuild_inside_an_overwrite_does_not_free_the_old_block_twice() -> None:
+    """The slot being overwritten is damaged (its check no longer matches), and the
+    allocation finds damaged control words and rebuilds, which drops that slot and gives
+    its block back: the overwrite must not free it a second time."""
+    t = table(100, 512)
+    assert t.arena is not None
+    slot = put(t, b"a", b"v" * 100)
+    put(t, b"b", b"w" * 100)
+    t.words[t.check_word_index(slot)] ^= 0x5A  # damaged: the rebuild drops this slot
+    t.words[t.arena._ctl + 1] += 8  # committed: not a page multiple, so alloc rebuilds
+    put(t, b"a", b"u" * 100)
+    assert got(t, b"a") == b"u" * 100 and got(t, b"b") == b"w" * 100
+    assert t.arena_problems_locked() == []
