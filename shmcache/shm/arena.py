@@ -116,7 +116,7 @@ class Arena:
             self._repair_ctl_locked()  # words no allocator wrote: damage
         unit = self._take_locked(n, split=False)
         if unit < 0:
-            unit = self.alloc_slow_locked(n)
+            unit = self._alloc_slow_locked(n)
             if unit < 0:
                 return 0
         w[self._ctl + CTL_LIVE] = (w[self._ctl + CTL_LIVE] + n) & U64
@@ -160,7 +160,7 @@ class Arena:
         w[h] = nxt
         return int(unit)
 
-    def alloc_slow_locked(self, n: int) -> int:
+    def _alloc_slow_locked(self, n: int) -> int:
         """The bump pointer needs more committed pages, or the arena is full: commit, else
         split a larger free block, else rebuild once. A unit index, or -1 (counted)."""
         w, ctl = self.words, self._ctl
