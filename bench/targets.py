@@ -21,35 +21,38 @@ WHY_MISSED = {
         "a set pickles the session (its value, or in hash-only mode its fingerprint, so that"
         " an equal set elsewhere keeps other processes' copies): pickle.dumps alone is about"
         " 8,000 instructions, 3.7x the seed's whole set, which stores the object; the"
-        " compiled core's locked write adds keyed hashes through the xxhash module. Sets run"
-        " once per login or cache miss, gets on every request",
+        " compiled core's locked write adds the lock, the lease check and the keyed hashes."
+        " Sets run once per login or cache miss, gets on every request",
     "compiled core: get (hit) vs the seed's get":
         "the hit is a dict lookup, one 8-byte load of the slot's check word in shared memory"
         " and a clock read, 0.44x the seed's instructions; the load misses the CPU cache when"
         " the token pool and the table are large, as here (a 1 MiB check-word array), and"
         " runs of this shared VM differ by more than the margin",
     "compiled core: get (miss) vs the seed's get":
-        "a miss hashes the token through the xxhash module (about 700 of its 3,600"
-        " instructions; xxh3 itself is 110), scans the 96-slot window in shared memory (about"
-        " 300, and cache misses a dict's one probe does not have) and records a lease for the"
-        " set that may follow (about 1,200: a tuple in a per-thread dict); the seed's miss is"
-        " one dict lookup. A vendored xxh3 and leases kept in C would remove most of both",
+        "a miss (about 3,050 instructions with xxh3 inline, 3,550 through the xxhash module)"
+        " scans the 96-slot window in shared memory (about 300, and cache misses a dict's one"
+        " probe does not have) and records a lease for the set that may follow (about 1,200:"
+        " a tuple in a per-thread dict, which is what lets a racing logout void that set);"
+        " the seed's miss is one dict lookup (1,076). Leases kept in C structures would"
+        " remove most of the rest",
     "compiled core: set vs the seed's set":
-        "pickle.dumps of the session (value, or fingerprint in hash-only mode) is about 8,000"
-        " of the set's 14,000 instructions, 3.7x the seed's whole set; three keyed hashes"
-        " through the xxhash module cost about 700 each (xxh3 itself about 150), and the"
-        " per-process copy is remembered: only a set that stores no encoding could meet it",
+        "pickle.dumps of the session (its value, or its fingerprint in hash-only mode) is"
+        " about 8,000 of the set's 11,700 instructions (xxh3 inline), 3.7x the seed's whole"
+        " set; the lock, the lease check, the keyed hashes and the per-process copy make the"
+        " rest: only a set that stores no encoding could meet it",
     "compiled core: invalidate vs the seed's invalidate":
-        "a logout hashes the token through the xxhash module (about 700 of its 2,600"
-        " instructions), takes the robust mutex, journals and zeroes the slot, scans the rest"
-        " of the window for another copy (about 400) and marks the lease bucket; the seed pops"
-        " one dict key. A vendored xxh3 would bring it near 2x",
+        "a logout (about 2,050 instructions with xxh3 inline, 2.1x the seed's) takes the"
+        " robust mutex, journals and zeroes the slot (and frees its value's block), scans the"
+        " rest of the window for another copy and marks the lease bucket; the seed pops one"
+        " dict key. In instructions it is within the goal; in time the mutex's atomic"
+        " operations and the shared-memory stores (cache lines other processes read) cost"
+        " more than their count",
     "compiled core: first read of a ~200-byte session set by another process, vs the "
     "seed's get":
         "decoding is the codec's: pickle.loads of a 200-byte session is about 9,700 of the"
-        " read's 13,000 instructions, 7x the seed's whole get; the table's own work (hash,"
-        " probe, the checked copy of the slot, remembering the object) is about 3,500: only"
-        " a cheaper codec gets there",
+        " read's 12,100 instructions, 7x the seed's whole get; the table's own work (hash,"
+        " probe, the checked copy of the slot and its value, remembering the object) is"
+        " about 2,400: only a cheaper codec gets there",
     "throughput, 2 processes vs 1 (2 cores)":
         "two processes have two cores only when nothing else runs on this shared VM: the"
         " empty loop and the in-memory cache beside the figures are that run's ceiling; and"
@@ -78,8 +81,9 @@ WHY_MISSED = {
     "compiled core: the same mix's CPU per request vs the seed's dict":
         "the gets cost what the seed's do (a dict lookup and one shared 8-byte load); the"
         " difference is the 1% of logouts and the sets and decodes they cause in every"
-        " process (a locked write with a pickle, about 14,000 instructions, or a decode,"
-        " about 13,000, against the seed's 2,000), while the seed's logout reaches one worker",
+        " process (a locked write with a pickle, about 11,700 instructions, or a decode,"
+        " about 12,100, against the seed's 2,100), while the seed's logout reaches one"
+        " worker; rounds of this shared VM differ by 20-30% (each is in the mix table)",
     "full run time":
         "the real app's section (issue 11) runs 5 caches x 2 dependencies x 2 connection modes"
         " under gunicorn, each round as long as the app's 10 s TTL plus a warm-up: about 5"
