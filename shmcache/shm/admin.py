@@ -73,9 +73,7 @@ class SegmentAdmin:
                 total += self._table.purge_locked(start, start + _PURGE_CHUNK, now_ms)
                 self._words[W_WRITING] = 0  # done: nothing for the next holder to repair
             except BaseException:
-                if lock.held():
-                    self._table.repair_locked()
-                    self._words[W_WRITING] = 0  # repaired: the next holder need not
+                self._repair_if_held()  # e.g. a signal handler raised mid-write
                 raise
             finally:
                 lock.release()
@@ -269,6 +267,13 @@ class SegmentAdmin:
         if core is not None:
             self._hits, self._misses = core.hits, core.misses
             self._decode_errors, self._lease_drops = core.decode_errors, core.lease_drops
+
+    def _repair_if_held(self) -> None:
+        """The end of a write that raised with the lock held (the except half of lock.py's
+        pattern): finish or undo it from the journal, so the next holder need not."""
+        if self._lock.held():
+            self._table.repair_locked()
+            self._words[W_WRITING] = 0
 
     def _ensure_open(self) -> None:
         if self._closed:

@@ -340,9 +340,7 @@ class SharedMemorySessionCache(LocalCopies, SegmentAdmin, ClosesOnExit):
                     self._bump(W_OVERSIZE)
             words[W_WRITING] = 0  # done: nothing for the next holder to repair
         except BaseException:
-            if lock.held():
-                table.repair_locked()  # e.g. a signal handler raised mid-write
-                self._words[W_WRITING] = 0  # repaired: the next holder need not
+            self._repair_if_held()  # e.g. a signal handler raised mid-write
             raise
         finally:
             lock.release()
@@ -385,9 +383,7 @@ class SharedMemorySessionCache(LocalCopies, SegmentAdmin, ClosesOnExit):
             found = table.remove_locked(tag, home)
             self._words[W_WRITING] = 0
         except BaseException:
-            if lock.held():
-                table.repair_locked()
-                self._words[W_WRITING] = 0  # repaired: the next holder need not
+            self._repair_if_held()  # e.g. a signal handler raised mid-write
             raise
         finally:
             lock.release()
@@ -409,9 +405,7 @@ class SharedMemorySessionCache(LocalCopies, SegmentAdmin, ClosesOnExit):
                 table.drop_damaged_locked(suspects)
                 self._words[W_WRITING] = 0
             except BaseException:
-                if lock.held():
-                    table.repair_locked()
-                    self._words[W_WRITING] = 0  # repaired: the next holder need not
+                self._repair_if_held()  # e.g. a signal handler raised mid-write
                 raise
             finally:
                 lock.release()
@@ -434,9 +428,7 @@ class SharedMemorySessionCache(LocalCopies, SegmentAdmin, ClosesOnExit):
             dropped = self._table.remove_user_locked(user, now_ms)
             self._words[W_WRITING] = 0
         except BaseException:
-            if lock.held():
-                self._table.repair_locked()
-                self._words[W_WRITING] = 0  # repaired: the next holder need not
+            self._repair_if_held()  # e.g. a signal handler raised mid-write
             raise
         finally:
             lock.release()
@@ -454,9 +446,7 @@ class SharedMemorySessionCache(LocalCopies, SegmentAdmin, ClosesOnExit):
             self._bump(W_CLEARS)
             self._words[W_WRITING] = 0
         except BaseException:
-            if lock.held():
-                self._table.repair_locked()
-                self._words[W_WRITING] = 0  # repaired: the next holder need not
+            self._repair_if_held()  # e.g. a signal handler raised mid-write
             raise
         finally:
             lock.release()
